@@ -1,0 +1,30 @@
+# make repro : set up .venv (first time or when the lock changes) and run the pipeline
+# make test  : set up .venv and run the test suite
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup repro test bench clean-venv
+.DEFAULT_GOAL := repro
+
+$(BIN)/blipdiff: pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# constraints.txt pins every package; torch 2.13.0 is the CPU build on this machine's disk.
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/blipdiff
+
+repro: setup
+	. $(BIN)/activate && dvc repro
+
+test: setup
+	. $(BIN)/activate && pytest
+
+bench: setup
+	. $(BIN)/activate && python benchmarks/context_bench.py
+
+clean-venv:
+	rm -rf $(VENV)

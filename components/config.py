@@ -1,0 +1,171 @@
+"""Typed view of params.yaml: one section per stage, unknown keys and bad values rejected.
+
+params.yaml is the single source of configuration. DVC tracks its sections as stage
+parameters; this module turns them into frozen pydantic objects so that a typo such as
+`ingest.sorce` fails at once with a message naming the key, instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.errors import ConfigError
+
+Preset = Literal["tiny", "blipdiffusion", "sd15-blip2"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- ingest
+class SyntheticSourceConfig(_Section):
+    num_subjects: int = Field(8, ge=1, le=14)
+    min_views: int = Field(4, ge=1, le=32)
+    max_views: int = Field(6, ge=1, le=32)
+    image_size: int = Field(128, ge=32, le=2048)
+
+    @model_validator(mode="after")
+    def _views_ordered(self) -> "SyntheticSourceConfig":
+        if self.min_views > self.max_views:
+            raise ValueError(
+                f"min_views ({self.min_views}) must not exceed max_views ({self.max_views})"
+            )
+        return self
+
+
+class DreamBenchSourceConfig(_Section):
+    # A local copy of the DreamBooth dataset layout; null downloads the public archive.
+    path: str | None = "../shared/dreambench"
+    url: str = "https://github.com/google/dreambooth/archive/refs/heads/main.zip"
+    cache_dir: str = "~/.cache/blipdiff/dreambench"
+
+
+class FolderSourceConfig(_Section):
+    path: str | None = None  # <path>/<subject>/<image files>
+    classes_csv: str | None = None  # columns: subject,class
+
+
+class IngestConfig(_Section):
+    source: Literal["synthetic", "dreambench", "folder"] = "synthetic"
+    seed: int = 0
+    max_side: int = Field(512, ge=32, le=8192)
+    # The stage fails when more than this share of candidate files is unreadable.
+    max_skipped_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    # The last N images of each subject (in sorted order) form the held-out "test" split.
+    test_views_per_subject: int = Field(1, ge=0)
+    synthetic: SyntheticSourceConfig = SyntheticSourceConfig()
+    dreambench: DreamBenchSourceConfig = DreamBenchSourceConfig()
+    folder: FolderSourceConfig = FolderSourceConfig()
+
+    @model_validator(mode="after")
+    def _source_has_path(self) -> "IngestConfig":
+        if self.source == "folder" and not self.folder.path:
+            raise ValueError("source 'folder' needs folder.path (a directory of subject folders)")
+        return self
+
+
+# -------------------------------------------------------------------------- context
+class ContextConfig(_Section):
+    seed: int = 0
+    # auto = ground-truth alpha where the source has one (synthetic), CLIPSeg elsewhere.
+    mask_source: Literal["clipseg", "ground_truth", "auto"] = "auto"
+    # null = the preset's CLIPSeg (tiny: built locally; others: CIDAS/clipseg-rd64-refined);
+    # a local directory or hub id overrides it.
+    clipseg_model: str | None = None
+    clipseg_batch_size: int = Field(8, ge=1, le=256)
+    # Rescale each probability map to [0, 1] before thresholding (CLIPSeg is often
+    # under-confident, and a random tiny CLIPSeg is always).
+    normalize_probs: bool = True
+    fg_threshold: float = Field(0.7, gt=0.0, lt=1.0)
+    bg_threshold: float = Field(0.3, gt=0.0, lt=1.0)
+    erode: int = Field(2, ge=0, le=64)  # shrink the known regions by this many pixels
+    gt_band: int = Field(3, ge=0, le=64)  # unknown band half-width of ground-truth trimaps
+    min_region_fraction: float = Field(0.005, ge=0.0, lt=0.5)  # less fg or bg = degenerate
+    backgrounds_per_image: int = Field(2, ge=1, le=64)
+    background_source: Literal["procedural", "folder"] = "procedural"
+    background_dir: str | None = None
+    background_pool_size: int = Field(32, ge=1, le=10000)
+    # Matting runs with the longest side at most this, alpha upsampled back; null = full size.
+    matting_max_side: int | None = Field(256, ge=32)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ContextConfig":
+        if self.bg_threshold >= self.fg_threshold:
+            raise ValueError(
+                f"bg_threshold ({self.bg_threshold}) must be below fg_threshold ({self.fg_threshold})"
+            )
+        if self.background_source == "folder" and not self.background_dir:
+            raise ValueError("background_source 'folder' needs background_dir")
+        return self
+
+
+# --------------------------------------------------------------------------- params
+class Params(_Section):
+    # Model preset shared by every stage; only the default (tiny) runs offline.
+    preset: Preset = "tiny"
+    ingest: IngestConfig = IngestConfig()
+    context: ContextConfig = ContextConfig()
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, err["loc"][:-1])
+        return f"{loc}: unknown key; allowed keys: {', '.join(allowed)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error" or not err["loc"]:
+        return f"{loc or '<top level>'}: {msg}"
+    return f"{loc}: {msg} (got {err['input']!r})"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise ConfigError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e, Params) for e in exc.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. ingest.seed=3")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    for override in overrides or []:
+        apply_override(raw, override)
+    return parse_params(raw, str(path))

@@ -1,0 +1,272 @@
+"""Stage `ingest`: subject images from a source, normalised, checked, de-duplicated.
+
+Writes `data/subjects/` (images/<subject>/NN.png, masks/<subject>/NN.png when the
+source knows the alpha) and `data/subjects.parquet` (schema: components.io.SUBJECTS_SCHEMA).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from components import dreambench, images, synthetic
+from components.config import IngestConfig
+from components.errors import BlipDiffError
+from components.io import (
+    SUBJECTS_SCHEMA,
+    alpha_to_uint8,
+    atomic_path,
+    relpath,
+    save_png,
+    write_parquet,
+)
+
+log = logging.getLogger(__name__)
+
+SUBJECTS_DIR = Path("data/subjects")
+SUBJECTS_MANIFEST = Path("data/subjects.parquet")
+# Reasons that count towards ingest.max_skipped_fraction (duplicates are not failures).
+UNREADABLE = (images.NOT_AN_IMAGE, images.CORRUPT, images.TRUNCATED)
+
+
+@dataclass
+class Candidate:
+    """One image a source offers, loaded lazily so a bad file fails on its own."""
+
+    subject_id: str
+    class_name: str
+    source_path: str
+    load: Callable[[], images.LoadedImage]
+    category: str | None = None
+    caption: str | None = None
+
+
+def subject_id_from_name(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    if not slug:
+        raise BlipDiffError(f"subject folder name {name!r} has no letters or digits")
+    return slug
+
+
+def class_from_name(name: str) -> str:
+    """`dog2` -> `dog`, `bear_plushie` -> `bear plushie`: a folder name read as a class."""
+    return re.sub(r"[_\-\s]+", " ", re.sub(r"\d+$", "", name)).strip() or name
+
+
+# ------------------------------------------------------------------------- sources
+def synthetic_candidates(cfg: IngestConfig) -> Iterator[Candidate]:
+    s = cfg.synthetic
+    views = synthetic.generate(s.num_subjects, s.min_views, s.max_views, s.image_size, cfg.seed)
+    for view in views:
+        subject = view.subject
+        yield Candidate(
+            subject_id=subject.subject_id,
+            class_name=subject.class_name,
+            source_path=f"synthetic://{subject.subject_id}/{view.view_index:02d}",
+            load=lambda v=view: _fit(images.LoadedImage(rgb=v.image, alpha=v.alpha), cfg.max_side),
+            caption=subject.caption,
+        )
+
+
+def _fit(image: images.LoadedImage, max_side: int) -> images.LoadedImage:
+    from PIL import Image
+
+    h, w = image.rgb.shape[:2]
+    if max(h, w) <= max_side:
+        return image
+    size = (round(w * max_side / max(h, w)), round(h * max_side / max(h, w)))
+    rgb = np.asarray(Image.fromarray(image.rgb).resize(size, Image.Resampling.LANCZOS))
+    alpha = np.asarray(Image.fromarray(image.alpha, mode="F").resize(size, Image.Resampling.LANCZOS))
+    return images.LoadedImage(rgb=rgb, alpha=alpha.clip(0.0, 1.0))
+
+
+def folder_candidates(
+    root: Path,
+    cfg: IngestConfig,
+    classes: dict[str, str] | None,
+    category: Callable[[str], str | None],
+    skipped: Counter,
+) -> Iterator[Candidate]:
+    """`root/<subject>/<files>`: every visible file in a subject folder is a candidate."""
+    if not root.is_dir():
+        raise BlipDiffError(f"{root}: subject folder not found")
+    subject_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subject_dirs:
+        raise BlipDiffError(f"{root}: no subject folders inside (expected <root>/<subject>/<images>)")
+    seen: dict[str, str] = {}
+    for folder in subject_dirs:
+        subject_id = subject_id_from_name(folder.name)
+        if subject_id in seen:
+            raise BlipDiffError(
+                f"{folder}: subject id {subject_id!r} clashes with folder {seen[subject_id]!r}"
+            )
+        seen[subject_id] = folder.name
+        if classes is not None and folder.name not in classes:
+            raise BlipDiffError(f"{folder}: subject {folder.name!r} has no class in the class list")
+        class_name = classes[folder.name] if classes is not None else class_from_name(folder.name)
+        files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        if not files:
+            skipped[images.EMPTY_SUBJECT] += 1
+            log.warning("skipped subject %s: %s", folder, images.EMPTY_SUBJECT)
+        for path in files:
+            yield Candidate(
+                subject_id=subject_id,
+                class_name=class_name,
+                source_path=str(path),
+                load=lambda p=path: images.load_image(p, cfg.max_side),
+                category=category(folder.name),
+            )
+
+
+def read_classes_csv(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise BlipDiffError(f"{path}: classes CSV not found")
+    table = pd.read_csv(path, dtype=str)
+    if not {"subject", "class"} <= set(table.columns):
+        raise BlipDiffError(f"{path}: needs the columns 'subject' and 'class', has {list(table.columns)}")
+    return dict(zip(table["subject"].str.strip(), table["class"].str.strip()))
+
+
+def dreambench_root(cfg: IngestConfig, root: Path) -> Path:
+    d = cfg.dreambench
+    if d.path is None:
+        return dreambench.download(d.url, Path(d.cache_dir).expanduser())
+    path = (root / d.path).resolve()
+    if not path.is_dir():
+        raise BlipDiffError(
+            f"ingest.dreambench.path: {path} not found; "
+            "point it at a DreamBooth dataset folder, or set it to null to download"
+        )
+    return path
+
+
+# --------------------------------------------------------------------------- stage
+def run(cfg: IngestConfig, root: Path) -> dict:
+    """Run the stage in `root` (the repo); return its metrics."""
+    skipped: Counter = Counter()
+    extra_files: dict[str, dict] = {}
+    if cfg.source == "synthetic":
+        candidates = synthetic_candidates(cfg)
+    elif cfg.source == "dreambench":
+        src = dreambench_root(cfg, root)
+        info = dreambench.parse_prompts_and_classes(src / dreambench.PROMPTS_FILE)
+        log.info("DreamBench at %s: %d subjects in the class list", src, len(info.classes))
+        candidates = folder_candidates(src, cfg, info.classes, info.category, skipped)
+        extra_files["dreambench_prompts.json"] = {
+            "object": info.object_prompts,
+            "live": info.live_prompts,
+            "classes": info.classes,
+        }
+    else:
+        src = (root / cfg.folder.path).resolve()
+        classes = read_classes_csv(root / cfg.folder.classes_csv) if cfg.folder.classes_csv else None
+        candidates = folder_candidates(src, cfg, classes, lambda _: None, skipped)
+
+    out_dir, manifest = root / SUBJECTS_DIR, root / SUBJECTS_MANIFEST
+    rows: list[dict] = []
+    hashes: dict[str, str] = {}
+    per_subject: Counter = Counter()
+    offered: set[str] = set()
+    found = 0
+    with atomic_path(out_dir) as tmp_dir:
+        for cand in tqdm(candidates, desc="ingest", unit="img"):
+            found += 1
+            offered.add(cand.subject_id)
+            try:
+                image = cand.load()
+            except images.SkipImage as skip:
+                skipped[skip.reason] += 1
+                log.warning("skipped %s", skip)
+                continue
+            digest = image.content_hash
+            if digest in hashes:
+                skipped[images.DUPLICATE] += 1
+                log.warning("skipped %s: duplicate of %s", cand.source_path, hashes[digest])
+                continue
+            hashes[digest] = cand.source_path
+            index = per_subject[cand.subject_id]
+            per_subject[cand.subject_id] += 1
+            name = f"{cand.subject_id}/{index:02d}.png"
+            image_path = tmp_dir / "images" / name
+            image_path.parent.mkdir(parents=True, exist_ok=True)
+            save_png(image.rgb, image_path)
+            mask_rel = None
+            if image.alpha is not None:
+                mask_path = tmp_dir / "masks" / name
+                mask_path.parent.mkdir(parents=True, exist_ok=True)
+                save_png(alpha_to_uint8(image.alpha), mask_path)
+                mask_rel = (SUBJECTS_DIR / "masks" / name).as_posix()
+            h, w = image.rgb.shape[:2]
+            rows.append(
+                {
+                    "subject_id": cand.subject_id,
+                    "class_name": cand.class_name,
+                    "category": cand.category,
+                    "image_path": (SUBJECTS_DIR / "images" / name).as_posix(),
+                    "mask_path": mask_rel,
+                    "split": "train",
+                    "content_hash": digest,
+                    "width": w,
+                    "height": h,
+                    "caption": cand.caption,
+                    "source_path": cand.source_path,
+                }
+            )
+        # A subject whose every file was skipped is empty too.
+        for subject in offered - set(per_subject):
+            skipped[images.EMPTY_SUBJECT] += 1
+            log.warning("skipped subject %s: %s (no usable image)", subject, images.EMPTY_SUBJECT)
+        unreadable = sum(skipped[r] for r in UNREADABLE)
+        fraction = unreadable / found if found else 1.0
+        if not rows:
+            raise BlipDiffError(f"ingest ({cfg.source}): no usable image found ({dict(skipped)})")
+        if fraction > cfg.max_skipped_fraction:
+            raise BlipDiffError(
+                f"ingest: {unreadable} of {found} files unreadable ({fraction:.1%}), more than "
+                f"ingest.max_skipped_fraction={cfg.max_skipped_fraction}: {dict(skipped)}"
+            )
+        assign_splits(rows, cfg.test_views_per_subject)
+        for name, data in extra_files.items():
+            (tmp_dir / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        frame = write_parquet(rows, manifest, SUBJECTS_SCHEMA)
+
+    log.info("read %d files, wrote %d images of %d subjects to %s and %s",
+             found, len(rows), frame["subject_id"].nunique(), out_dir, relpath(manifest, root))
+    metrics = {
+        "files_found": found,
+        "images_written": len(rows),
+        "subjects_written": int(frame["subject_id"].nunique()),
+        "images_with_mask": int(frame["mask_path"].notna().sum()),
+        "test_images": int((frame["split"] == "test").sum()),
+        "skipped_total": int(sum(skipped.values())),
+        "unreadable_fraction": round(fraction, 6),
+    }
+    for reason in (*UNREADABLE, images.DUPLICATE, images.EMPTY_SUBJECT):
+        metrics[f"skipped_{reason}"] = int(skipped[reason])
+    return metrics
+
+
+def assign_splits(rows: list[dict], test_per_subject: int) -> None:
+    """The last N images of each subject are held out, if the subject keeps one for training."""
+    by_subject: dict[str, list[dict]] = {}
+    for row in rows:
+        by_subject.setdefault(row["subject_id"], []).append(row)
+    for subject_rows in by_subject.values():
+        if len(subject_rows) > test_per_subject > 0:
+            for row in subject_rows[-test_per_subject:]:
+                row["split"] = "test"
+
+
+def sample_images(frame: pd.DataFrame, root: Path, count: int = 4) -> dict[str, np.ndarray]:
+    """A few written images (first view of the first subjects) for the MLflow run."""
+    firsts = frame.groupby("subject_id", sort=True).head(1).head(count)
+    return {row.subject_id: images.read_rgb(root / row.image_path) for row in firsts.itertuples()}

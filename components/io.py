@@ -1,0 +1,116 @@
+"""Writing outputs so that a failed stage leaves nothing half-written.
+
+Every output is written under a temporary name next to its final path and renamed into
+place only when complete; manifests are parquet files with a fixed schema.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from components.errors import BlipDiffError
+
+# One row per subject image (stage ingest).
+SUBJECTS_SCHEMA = pa.schema(
+    [
+        ("subject_id", pa.string()),
+        ("class_name", pa.string()),
+        ("category", pa.string()),  # dreambench: live | object; else null
+        ("image_path", pa.string()),  # relative to the repo root
+        ("mask_path", pa.string()),  # ground-truth alpha when known, else null
+        ("split", pa.string()),  # train | test
+        ("content_hash", pa.string()),  # sha256 of the normalised pixels
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("caption", pa.string()),  # null when the source has none
+        ("source_path", pa.string()),  # where the image came from
+    ]
+)
+
+# One row per training pair (stage context).
+PAIRS_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("subject_id", pa.string()),
+        ("input_path", pa.string()),  # subject alpha-blended onto a new background
+        ("target_path", pa.string()),  # the original image
+        ("alpha_path", pa.string()),  # estimated alpha matte
+        ("subject_text", pa.string()),  # the class name
+        ("caption", pa.string()),
+        ("background_id", pa.string()),
+        ("split", pa.string()),
+        ("mask_source", pa.string()),  # clipseg | ground_truth
+    ]
+)
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path (file or directory); rename it onto `final` on success."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) / final.name
+    try:
+        yield tmp
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        elif final.exists() or final.is_symlink():
+            final.unlink()
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def write_parquet(rows: list[dict[str, Any]], path: Path, schema: pa.Schema) -> pd.DataFrame:
+    """Write rows with exactly `schema`'s columns, atomically; return them as a DataFrame."""
+    table = pa.Table.from_pylist(rows, schema=schema)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return table.to_pandas()
+
+
+def read_manifest(path: Path, schema: pa.Schema) -> pd.DataFrame:
+    """Read a manifest, failing with a clear message when it is missing or of another schema."""
+    if not path.is_file():
+        raise BlipDiffError(f"{path}: manifest not found (run the stage that writes it first)")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise BlipDiffError(f"{path}: not a readable parquet file: {exc}") from None
+    missing = [name for name in schema.names if name not in table.column_names]
+    if missing:
+        raise BlipDiffError(f"{path}: missing columns {missing}")
+    return table.select(schema.names).to_pandas()
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    """Save uint8 HxW or HxWx3 as PNG; fixed settings so the same pixels give the same bytes."""
+    Image.fromarray(array).save(path, format="PNG", compress_level=6)
+
+
+def alpha_to_uint8(alpha: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(alpha * 255.0), 0, 255).astype(np.uint8)
+
+
+def relpath(path: Path, root: Path) -> str:
+    """Manifest paths are relative to the repo root, posix style, so data stays portable."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()

@@ -1,0 +1,135 @@
+import numpy as np
+import pytest
+
+from components import context, ingest, matting
+from components.config import Params
+from components.errors import BlipDiffError
+from components.images import read_alpha, read_rgb
+from components.io import PAIRS_SCHEMA, SUBJECTS_SCHEMA, read_manifest, write_parquet
+
+
+def _params(**context_kw) -> Params:
+    return Params(
+        ingest={"synthetic": {"num_subjects": 3, "min_views": 4, "max_views": 4, "image_size": 64}},
+        context={"backgrounds_per_image": 2, "matting_max_side": None, **context_kw},
+    )
+
+
+@pytest.fixture
+def ingested(tmp_path):
+    params = _params()
+    ingest.run(params.ingest, tmp_path)
+    return tmp_path
+
+
+def test_context_from_ground_truth(ingested):
+    params = _params(mask_source="auto")
+    metrics, samples = context.run(params, ingested)
+    pairs = read_manifest(ingested / context.PAIRS_MANIFEST, PAIRS_SCHEMA)
+    subjects = read_manifest(ingested / ingest.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
+    assert len(pairs) == 2 * len(subjects) == metrics["pairs_written"]
+    assert set(pairs["mask_source"]) == {"ground_truth"} and metrics["ground_truth_trimaps"] == 12
+    assert pairs["pair_id"].is_unique
+    assert set(pairs["target_path"]) == set(subjects["image_path"])
+    assert metrics["alpha_mse_mean"] < 0.02 and metrics["alpha_sad_mean"] > 0
+    assert 0 < metrics["unknown_fraction_mean"] < 0.5
+    assert samples and all(a.dtype == np.uint8 for a in samples.values())
+
+    # each input is the matted subject blended onto a background that differs from the original
+    row = pairs.iloc[0]
+    target = read_rgb(ingested / row.target_path).astype(int)
+    composite = read_rgb(ingested / row.input_path).astype(int)
+    alpha = read_alpha(ingested / row.alpha_path)
+    inside, outside = alpha > 0.999, alpha < 0.001
+    assert np.abs(composite[inside] - target[inside]).mean() < 3  # subject kept
+    assert np.abs(composite[outside] - target[outside]).mean() > 10  # background replaced
+    # the two composites of one image use different backgrounds
+    first_two = pairs[pairs.target_path == row.target_path]
+    assert first_two["background_id"].nunique() == 2
+
+
+def test_context_with_tiny_clipseg_runs_and_is_deterministic(ingested):
+    params = _params(mask_source="clipseg", erode=0)
+    metrics, _ = context.run(params, ingested)
+    first = (ingested / context.PAIRS_MANIFEST).read_bytes()
+    files = sorted(p.read_bytes() for p in (ingested / context.CONTEXT_DIR).rglob("*.png"))
+    metrics2, _ = context.run(params, ingested)
+    assert (ingested / context.PAIRS_MANIFEST).read_bytes() == first
+    assert sorted(p.read_bytes() for p in (ingested / context.CONTEXT_DIR).rglob("*.png")) == files
+    assert metrics["clipseg_trimaps"] == 12
+    assert metrics["pairs_written"] + 2 * metrics["images_skipped"] == 24
+    assert "alpha_mse_mean" in metrics  # synthetic ground truth scores CLIPSeg's mattes too
+    assert metrics["seconds_clipseg"] > 0
+
+
+class _FakeSeg:
+    """Stands in for CLIPSeg: a flat map (degenerate) for 'ball' subjects, a disc elsewhere."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, images, texts):
+        maps = []
+        for image, text in zip(images, texts):
+            h, w = image.shape[:2]
+            yy, xx = np.mgrid[:h, :w]
+            disc = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (h / 4) ** 2).astype(np.float32)
+            maps.append(np.full((h, w), 0.5, np.float32) if text == "ball" else disc)
+        return maps
+
+
+def _save(subjects, root):
+    rows = subjects.astype(object).where(subjects.notna(), None).to_dict("records")
+    write_parquet(rows, root / ingest.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
+
+
+def test_degenerate_trimaps_are_counted_and_skipped(ingested, monkeypatch):
+    import components.clipseg
+
+    monkeypatch.setattr(components.clipseg, "ClipSeg", _FakeSeg)
+    subjects = read_manifest(ingested / ingest.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
+    classes = list(subjects["class_name"])
+    # make one subject's class 'ball' so its maps are flat
+    subjects.loc[subjects.subject_id == subjects.subject_id.iloc[0], "class_name"] = "ball"
+    _save(subjects, ingested)
+    n_ball = int((subjects.class_name == "ball").sum())
+    assert n_ball > 0 and len(classes) > n_ball
+
+    metrics, _ = context.run(_params(mask_source="clipseg"), ingested)
+    assert metrics["skipped_no_foreground"] == n_ball
+    pairs = read_manifest(ingested / context.PAIRS_MANIFEST, PAIRS_SCHEMA)
+    assert "ball" not in set(pairs["subject_text"])
+    assert len(pairs) == 2 * (len(subjects) - n_ball)
+
+    # all degenerate: a clear error, and the previous outputs are left as they were
+    before = (ingested / context.PAIRS_MANIFEST).read_bytes()
+    subjects["class_name"] = "ball"
+    _save(subjects, ingested)
+    with pytest.raises(BlipDiffError, match="every trimap was degenerate"):
+        context.run(_params(mask_source="clipseg"), ingested)
+    assert (ingested / context.PAIRS_MANIFEST).read_bytes() == before
+    assert not [p for p in (ingested / "data").iterdir() if p.name.startswith(".")]
+
+
+def test_bad_inputs(tmp_path, ingested):
+    with pytest.raises(BlipDiffError, match="manifest not found"):
+        context.run(_params(), tmp_path / "empty")
+    (ingested / "data/subjects/images").rename(ingested / "data/subjects/moved")
+    with pytest.raises(BlipDiffError, match="is missing"):
+        context.run(_params(), ingested)
+
+
+def test_folder_backgrounds(ingested, tmp_path):
+    from PIL import Image
+
+    bg_dir = tmp_path / "bgs"
+    bg_dir.mkdir()
+    Image.new("RGB", (100, 30), (0, 255, 0)).save(bg_dir / "green.png")
+    params = _params(background_source="folder", background_dir=str(bg_dir), backgrounds_per_image=1)
+    context.run(params, ingested)
+    pairs = read_manifest(ingested / context.PAIRS_MANIFEST, PAIRS_SCHEMA)
+    assert set(pairs["background_id"]) == {"green.png"}
+    row = pairs.iloc[0]
+    composite = read_rgb(ingested / row.input_path)
+    alpha = read_alpha(ingested / row.alpha_path)
+    assert np.all(composite[alpha < 0.001] == [0, 255, 0])
