@@ -100,8 +100,8 @@ def write_json(data: dict[str, Any], path: Path) -> None:
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
-    """Save uint8 HxW or HxWx3 as PNG; fixed settings so the same pixels give the same bytes."""
-    Image.fromarray(array).save(path, format="PNG", compress_level=6)
+    """Save uint8 HxW or HxWx3 as PNG; fixed, fast settings so the same pixels give the same bytes."""
+    Image.fromarray(array).save(path, format="PNG", compress_level=1)
 
 
 def alpha_to_uint8(alpha: np.ndarray) -> np.ndarray:

@@ -57,7 +57,10 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
-def _experiment_id(mlflow, root: Path) -> str:
+def experiment_id(root: Path) -> str:
+    """The experiment's id in the current tracking store, created on first use."""
+    import mlflow
+
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
@@ -81,7 +84,7 @@ def stage_run(stage: str, params: dict[str, Any], root: Path) -> Iterator[Any]:
         "params_hash": params_hash(params),
     }
     with mlflow.start_run(
-        experiment_id=_experiment_id(mlflow, root),
+        experiment_id=experiment_id(root),
         run_name=stage,
         parent_run_id=parent,
         nested=parent is not None,

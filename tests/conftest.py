@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DREAMBENCH = REPO.parent / "shared" / "dreambench"
@@ -23,3 +27,26 @@ def dreambench_dir() -> Path:
     if not (DREAMBENCH / "prompts_and_classes.txt").is_file():
         pytest.skip(f"DreamBench folder not found at {DREAMBENCH}")
     return DREAMBENCH
+
+
+def sh(cmd, cwd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, shell=True)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    work = tmp_path / "checkout"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, work / rel)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["ingest"]["synthetic"].update(num_subjects=3, min_views=4, max_views=4, image_size=64)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    sh("git init -q && git add -A && git -c user.name=t -c user.email=t@t commit -qm init", work, env)
+    return work, env

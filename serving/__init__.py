@@ -1,0 +1,1 @@
+"""Batch serving of exported engines (to come with the export stage)."""
