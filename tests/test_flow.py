@@ -1,6 +1,7 @@
 """The Prefect flow drives `dvc repro` per stage and nests the stage runs in MLflow."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -38,3 +39,60 @@ def test_flow_runs_stages_in_order_under_one_parent_run(checkout, tmp_path):
     result, _ = _flow(work, env)
     assert result == "{'ingest': 'up to date', 'context': 'up to date'}"
     assert len(client.search_runs([exp.experiment_id])) == 4  # one more parent, no stage runs
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_prefect_deployment_run(checkout, tmp_path):
+    """The README's way: a Prefect server, the flow served as a deployment, `prefect deployment run`."""
+    import time
+    import urllib.request
+
+    work, env = checkout
+    port = _free_port()
+    env = {**env, "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    bin_dir = os.path.dirname(sys.executable)
+    procs = []
+    try:
+        procs.append(subprocess.Popen([f"{bin_dir}/prefect", "server", "start", "--host", "127.0.0.1",
+                                       "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True))
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "prefect server did not start in 120 s"
+                time.sleep(1)
+        procs.append(subprocess.Popen([sys.executable, "-m", "flows.pipeline", "serve"], cwd=work, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True))
+        name = "blip-diffusion-pipeline/default"
+        while subprocess.run([f"{bin_dir}/prefect", "deployment", "inspect", name], env=env,
+                             capture_output=True).returncode != 0:
+            assert time.time() < deadline + 60, "deployment was not registered"
+            time.sleep(2)
+        run = subprocess.run([f"{bin_dir}/prefect", "deployment", "run", name, "--watch",
+                              "--watch-timeout", "300"], env=env, capture_output=True, text=True, timeout=360)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "Completed" in run.stdout + run.stderr
+        assert (work / "data/pairs.parquet").is_file()
+    finally:
+        for proc in procs:
+            for sig in (signal.SIGINT, signal.SIGKILL):  # serve ignores a plain SIGTERM
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=15)
+                    break
+                except ProcessLookupError:
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
