@@ -133,3 +133,21 @@ def test_folder_backgrounds(ingested, tmp_path):
     composite = read_rgb(ingested / row.input_path)
     alpha = read_alpha(ingested / row.alpha_path)
     assert np.all(composite[alpha < 0.001] == [0, 255, 0])
+
+
+@pytest.mark.slow
+def test_dreambench_ingest_and_context_end_to_end(tmp_path, dreambench_dir):
+    """Real photos through both stages with the tiny (random) CLIPSeg: every image gets a pair."""
+    params = Params(
+        ingest={"source": "dreambench", "dreambench": {"path": str(dreambench_dir)}},
+        context={"mask_source": "auto", "backgrounds_per_image": 1, "matting_max_side": 64},
+    )
+    ingest.run(params.ingest, tmp_path)
+    metrics, _ = context.run(params, tmp_path)
+    pairs = read_manifest(tmp_path / context.PAIRS_MANIFEST, PAIRS_SCHEMA)
+    assert metrics["clipseg_trimaps"] == 158  # no ground truth for real photos
+    assert metrics["pairs_written"] + metrics["images_skipped"] == 158 == len(pairs) + metrics["images_skipped"]
+    assert pairs["subject_id"].nunique() >= 28
+    assert set(pairs["mask_source"]) == {"clipseg"}
+    row = pairs.iloc[0]
+    assert read_rgb(tmp_path / row.input_path).shape == read_rgb(tmp_path / row.target_path).shape
