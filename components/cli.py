@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
             "-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
             help="override a param for this run, e.g. -S ingest.source=dreambench (repeatable)",
         )
+    from components import generate
+
+    gen = sub.add_parser("generate", help="zero-shot subject-driven generation (batched)",
+                         description=generate.__doc__.split("\n")[0])
+    generate.add_arguments(gen)
     return parser
 
 
@@ -89,7 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("alembic", "urllib3", "httpx", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        run_stage(args.command, args.params, args.overrides, Path.cwd())
+        if args.command == "generate":
+            from components import generate
+
+            generate.run(args)
+        else:
+            run_stage(args.command, args.params, args.overrides, Path.cwd())
     except BlipDiffError as exc:
         print(f"blipdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Shared fixtures: every test tracks to a throw-away MLflow store, never the repo's."""
+"""Shared fixtures: every test tracks to a throw-away MLflow store, never the repo's, offline."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def _isolated_mlflow(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
     monkeypatch.delenv("BLIPDIFF_PARENT_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    # Tests never reach a model hub: fail fast instead of hanging on a download.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture

@@ -1,0 +1,198 @@
+"""`blipdiff generate`: zero-shot subject-driven generation, batched, with a record of every input.
+
+    blipdiff generate --subject-image dog1.jpg dog2.jpg --source-subject dog \
+        --prompt "swimming underwater" --prompt "in the snow" --images-per-prompt 4 --out out/
+
+Writes out/images/NNNN.png and out/records.json (one entry per image: prompt, seed and
+every other input that made it). Subject embeddings can be saved (`--save-embeddings`)
+and reused (`--embeddings`) instead of the reference images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from components.errors import BlipDiffError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from components.blip_diffusion import SCHEDULERS
+
+    src = p.add_argument_group("model")
+    src.add_argument("--checkpoint", help="a folder in the released layout, or a hub id")
+    src.add_argument("--preset", choices=["tiny", "blipdiffusion", "sd15-blip2"],
+                     help="model preset when no --checkpoint (default: params.yaml's, else tiny)")
+    src.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    src.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                     help="auto: fp16 on GPU, fp32 on CPU")
+    subj = p.add_argument_group("subject")
+    subj.add_argument("--subject-image", nargs="+", type=Path, default=[],
+                      help="reference image(s) of the subject; their embeddings are averaged")
+    subj.add_argument("--embeddings", type=Path, help="saved subject embeddings (safetensors) instead")
+    subj.add_argument("--save-embeddings", type=Path, help="save the subject embeddings here")
+    subj.add_argument("--source-subject", help="class of the subject in the reference images")
+    subj.add_argument("--target-subject", help="class to draw (default: the source subject)")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--prompt", action="append", default=[], help="repeatable")
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--images-per-prompt", type=int, default=1)
+    gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    gen.add_argument("--seeds", type=int, nargs="+", help="one seed per image, instead of --seed")
+    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--scheduler", default="pndm", choices=SCHEDULERS)
+    gen.add_argument("--height", type=int, help="default: the model's native size")
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--prompt-strength", type=float, default=1.0)
+    gen.add_argument("--prompt-reps", type=int, default=20)
+    gen.add_argument("--batch-size", type=int, default=16, help="images per UNet batch")
+    p.add_argument("--out", type=Path, required=True, help="output folder (must be new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+
+def save_embeddings(path: Path, embeds: torch.Tensor, meta: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    from components.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({"subject_embeds": embeds.detach().float().cpu().contiguous()}, tmp, metadata=meta)
+
+
+def load_embeddings(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise BlipDiffError(f"{path}: embeddings file not found")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.get_tensor("subject_embeds"), dict(f.metadata() or {})
+    except Exception as exc:
+        raise BlipDiffError(f"{path}: not a subject embeddings file ({exc})") from None
+
+
+def _validate(args) -> None:
+    prompts = [p.strip() for p in args.prompt]
+    if not prompts:
+        raise BlipDiffError("give at least one --prompt")
+    if any(not p for p in prompts):
+        raise BlipDiffError("empty --prompt")
+    if args.images_per_prompt < 1:
+        raise BlipDiffError(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}")
+    if args.seeds is not None and len(args.seeds) != len(prompts) * args.images_per_prompt:
+        raise BlipDiffError(f"--seeds has {len(args.seeds)} values for {len(prompts)} prompts x "
+                            f"{args.images_per_prompt} images = {len(prompts) * args.images_per_prompt}")
+    if not args.subject_image and not args.embeddings:
+        raise BlipDiffError("give --subject-image (one or more) or --embeddings")
+    if args.subject_image and args.embeddings:
+        raise BlipDiffError("give --subject-image or --embeddings, not both")
+    if args.subject_image and not args.source_subject:
+        raise BlipDiffError("--source-subject (the class in the reference images) is required")
+    for size in (args.height, args.width):
+        if size is not None and (size <= 0 or size % 8):
+            raise BlipDiffError(f"height and width must be positive multiples of 8, got {size}")
+    if args.steps < 1:
+        raise BlipDiffError(f"--steps must be >= 1, got {args.steps}")
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise BlipDiffError(f"{args.out}: exists and is not empty; pass --overwrite to replace it")
+    if args.batch_size < 1:
+        raise BlipDiffError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
+def _placement(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    from components.clipseg import resolve_device
+
+    dev = resolve_device(device)
+    if dtype == "auto":
+        return dev, torch.float16 if dev.type == "cuda" else torch.float32
+    if dev.type == "cpu" and dtype == "fp16":
+        raise BlipDiffError("fp16 is for GPUs; on CPU use --dtype fp32 or bf16")
+    return dev, DTYPES[dtype]
+
+
+def run(args) -> list[dict]:
+    from components.blip_diffusion import from_preset
+    from components.images import SkipImage, load_image
+    from components.io import atomic_path, save_png
+
+    _validate(args)
+    preset = args.preset or _params_preset()
+    device, dtype = _placement(args.device, args.dtype)
+    start = time.perf_counter()
+    model = from_preset(preset, args.checkpoint).to(device, dtype)
+    log.info("model %s on %s (%s) in %.1f s", args.checkpoint or preset, device, dtype,
+             time.perf_counter() - start)
+
+    if args.embeddings:
+        embeds, meta = load_embeddings(args.embeddings)
+        source = args.source_subject or meta.get("source_subject", "")
+        expected = (model.qformer.config.num_query_tokens, model.text_encoder.config.hidden_size)
+        if tuple(embeds.shape[1:]) != expected:
+            raise BlipDiffError(f"{args.embeddings}: embeddings of shape {tuple(embeds.shape)} do not "
+                                f"fit this model (expects (1, {expected[0]}, {expected[1]}))")
+    else:
+        refs = []
+        for path in args.subject_image:
+            try:
+                refs.append(load_image(path, max_side=1024).rgb)
+            except (SkipImage, OSError) as exc:
+                raise BlipDiffError(f"subject image {exc}") from None
+        source = args.source_subject
+        embeds = model.subject_embeddings(refs, source)
+        if args.save_embeddings:
+            save_embeddings(args.save_embeddings, embeds, {
+                "source_subject": source, "images": json.dumps([str(p) for p in args.subject_image])})
+            log.info("saved subject embeddings to %s", args.save_embeddings)
+    target = args.target_subject or source
+
+    native = model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
+    height, width = args.height or native, args.width or native
+    prompts = [p.strip() for p in args.prompt for _ in range(args.images_per_prompt)]
+    seeds = args.seeds or [args.seed + i for i in range(len(prompts))]
+    records = []
+    with atomic_path(args.out) as tmp:
+        (tmp / "images").mkdir(parents=True)
+        for lo in range(0, len(prompts), args.batch_size):
+            t = time.perf_counter()
+            images = model.generate(
+                embeds, prompts[lo:lo + args.batch_size], target, seeds[lo:lo + args.batch_size],
+                negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
+                num_inference_steps=args.steps, height=height, width=width, scheduler=args.scheduler,
+                prompt_strength=args.prompt_strength, prompt_reps=args.prompt_reps, progress=True,
+            )
+            log.info("%d images in %.2f s", len(images), time.perf_counter() - t)
+            for offset, image in enumerate(images):
+                i = lo + offset
+                name = f"images/{i:04d}.png"
+                save_png((image * 255).round().astype("uint8"), tmp / name)
+                records.append({
+                    "image": name, "prompt": prompts[i], "seed": seeds[i],
+                    "built_prompt": model.build_prompt(prompts[i], target, args.prompt_strength,
+                                                       args.prompt_reps),
+                    "source_subject": source, "target_subject": target,
+                    "subject_images": [str(p) for p in args.subject_image],
+                    "embeddings": str(args.embeddings) if args.embeddings else None,
+                    "negative_prompt": args.negative_prompt, "guidance_scale": args.guidance_scale,
+                    "steps": args.steps, "scheduler": args.scheduler, "height": height, "width": width,
+                    "prompt_strength": args.prompt_strength, "prompt_reps": args.prompt_reps,
+                    "model": args.checkpoint or preset, "device": str(device), "dtype": str(dtype),
+                })
+        (tmp / "records.json").write_text(json.dumps(records, indent=2) + "\n")
+    log.info("wrote %d images and records.json to %s", len(records), args.out)
+    return records
+
+
+def _params_preset() -> str:
+    from components.config import load_params
+
+    return load_params("params.yaml").preset if Path("params.yaml").is_file() else "tiny"
