@@ -521,8 +521,29 @@ def run_reference(ckpt_dir: Path, ref_png: Path, bert_vocab: Path):
         "text_encoder_attn_implementation": getattr(te_cfg, "_attn_implementation", None),
         "qformer_attn_implementation": getattr(pipe.qformer.config, "_attn_implementation", None),
         "unet_attn_processors": sorted({type(pr).__name__ for pr in pipe.unet.attn_processors.values()}),
+        # config.json files only store non-default values; these are the fully resolved configs
+        "qformer_config_resolved": _resolved_blip2_config(pipe.qformer.config),
+        "text_encoder_config_resolved": _strip_generic(te_cfg.to_dict()),
     }
     return tensors, info
+
+
+_GENERIC_CONFIG_KEYS = set(transformers.PretrainedConfig().to_dict().keys()) - {
+    "bos_token_id", "eos_token_id", "pad_token_id", "architectures", "model_type"}
+
+
+def _strip_generic(d: dict) -> dict:
+    """Drop the generation/bookkeeping keys every PretrainedConfig carries."""
+    return {k: v for k, v in d.items() if k not in _GENERIC_CONFIG_KEYS and not k.startswith("_")}
+
+
+def _resolved_blip2_config(cfg) -> dict:
+    d = cfg.to_dict()
+    return {
+        "num_query_tokens": d["num_query_tokens"],
+        "vision_config": _strip_generic(d["vision_config"]),
+        "qformer_config": _strip_generic(d["qformer_config"]),
+    }
 
 
 def _json_default(o):
