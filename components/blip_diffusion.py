@@ -399,10 +399,12 @@ def from_preset(preset: str, checkpoint: str | None = None, seed: int = 0) -> Bl
         return build_tiny(seed)
     if preset == "blipdiffusion":
         return load(HUB_ID)
-    raise BlipDiffError(
-        f"preset {preset!r} has no released generation checkpoint: it is the pre-training "
-        "composition; train it (`dvc repro train_subject`) and pass the folder as checkpoint"
-    )
+    if preset == "sd15-blip2":
+        from components import sd15_blip2
+
+        # Untrained subject encoder: the starting point of pre-training, not a generator yet.
+        return sd15_blip2.build(seed=seed)
+    raise BlipDiffError(f"unknown preset {preset!r}; choose tiny, blipdiffusion or sd15-blip2")
 
 
 # -------------------------------------------------------------------- full size
