@@ -317,7 +317,9 @@ def load(path_or_id: str | Path) -> BlipDiffusion:
             vae=AutoencoderKL.from_pretrained(path / "vae"),
             scheduler=PNDMScheduler.from_pretrained(path / "scheduler"),
             image_processor=ImageProcessorConfig.from_json(
-                json.loads((path / "image_processor" / "preprocessor_config.json").read_text())),
+                # the pipeline's mean/std override the processor's, as in the reference
+                {**json.loads((path / "image_processor" / "preprocessor_config.json").read_text()),
+                 **{f"image_{k}": index[k] for k in ("mean", "std") if k in index}}),
             ctx_begin_pos=int(index.get("ctx_begin_pos", 2)),
         )
     except (OSError, ValueError, KeyError) as exc:

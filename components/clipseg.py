@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from components.device import resolve_device
 from components.errors import BlipDiffError
 
 log = logging.getLogger(__name__)
@@ -21,14 +22,6 @@ log = logging.getLogger(__name__)
 HUB_ID = "CIDAS/clipseg-rd64-refined"
 PRESET_MODELS = {"tiny": None, "blipdiffusion": HUB_ID, "sd15-blip2": HUB_ID}
 TINY_IMAGE_SIZE = 64
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BlipDiffError("device 'cuda' requested but torch sees no CUDA GPU; use 'auto' or 'cpu'")
-    return torch.device(device)
 
 
 def build_tiny(seed: int):

@@ -110,7 +110,7 @@ def _validate(args) -> None:
 
 
 def _placement(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    from components.clipseg import resolve_device
+    from components.device import resolve_device
 
     dev = resolve_device(device)
     if dtype == "auto":

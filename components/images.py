@@ -99,15 +99,20 @@ def load_image(path: Path, max_side: int) -> LoadedImage:
     image = _open(path)
     image = ImageOps.exif_transpose(image)
     rgb, alpha = to_rgb(image)
-    h, w = rgb.shape[:2]
-    if max(h, w) > max_side:
-        scale = max_side / max(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
-        if alpha is not None:
-            alpha = np.asarray(
-                Image.fromarray(alpha, mode="F").resize(size, Image.Resampling.LANCZOS)
-            ).clip(0.0, 1.0)
+    return cap_size(LoadedImage(rgb=np.ascontiguousarray(rgb), alpha=alpha), max_side)
+
+
+def cap_size(image: LoadedImage, max_side: int) -> LoadedImage:
+    """Downscale (Lanczos) so that the longest side is at most `max_side`; alpha alike."""
+    h, w = image.rgb.shape[:2]
+    if max(h, w) <= max_side:
+        return image
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    rgb = np.asarray(Image.fromarray(image.rgb).resize(size, Image.Resampling.LANCZOS))
+    alpha = image.alpha
+    if alpha is not None:
+        alpha = np.asarray(Image.fromarray(alpha, mode="F").resize(size, Image.Resampling.LANCZOS)).clip(0.0, 1.0)
     return LoadedImage(rgb=np.ascontiguousarray(rgb), alpha=alpha)
 
 

@@ -72,21 +72,9 @@ def synthetic_candidates(cfg: IngestConfig) -> Iterator[Candidate]:
             subject_id=subject.subject_id,
             class_name=subject.class_name,
             source_path=f"synthetic://{subject.subject_id}/{view.view_index:02d}",
-            load=lambda v=view: _fit(images.LoadedImage(rgb=v.image, alpha=v.alpha), cfg.max_side),
+            load=lambda v=view: images.cap_size(images.LoadedImage(rgb=v.image, alpha=v.alpha), cfg.max_side),
             caption=subject.caption,
         )
-
-
-def _fit(image: images.LoadedImage, max_side: int) -> images.LoadedImage:
-    from PIL import Image
-
-    h, w = image.rgb.shape[:2]
-    if max(h, w) <= max_side:
-        return image
-    size = (round(w * max_side / max(h, w)), round(h * max_side / max(h, w)))
-    rgb = np.asarray(Image.fromarray(image.rgb).resize(size, Image.Resampling.LANCZOS))
-    alpha = np.asarray(Image.fromarray(image.alpha, mode="F").resize(size, Image.Resampling.LANCZOS))
-    return images.LoadedImage(rgb=rgb, alpha=alpha.clip(0.0, 1.0))
 
 
 def folder_candidates(

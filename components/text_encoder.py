@@ -10,7 +10,6 @@ key layout of the released `text_encoder/` folder, on transformers' own CLIP blo
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import CLIPPreTrainedModel, CLIPTextConfig, CLIPTextModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from components import context, ingest, matting
+from components import context, ingest
 from components.config import Params
 from components.errors import BlipDiffError
 from components.images import read_alpha, read_rgb

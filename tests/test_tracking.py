@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import mlflow
-import pytest
 
 from components import tracking
 from components.cli import main
