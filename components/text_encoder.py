@@ -1,8 +1,8 @@
 """Context text encoder: the CLIP text encoder with subject embeddings spliced into the prompt.
 
 The 16 subject embeddings from the Q-Former go into the prompt's token embeddings right
-after `ctx_begin_pos` tokens (2: the start token and "a"... as the reference builds its
-prompt "a {subject} {prompt}"), positions run over the longer sequence, and the causal mask
+after `ctx_begin_pos` tokens (2: the start token and the "a" of the reference's prompt
+"a {subject} {prompt}"); positions run over the longer sequence, and the causal mask
 covers it too. The module tree is `text_model.{embeddings,encoder,final_layer_norm}`, the
 key layout of the released `text_encoder/` folder, on transformers' own CLIP blocks.
 """
