@@ -128,3 +128,9 @@ def test_convert_reference_state_dict():
     del state["visual_encoder.encoder.layers.0.self_attn.v_bias"]
     with pytest.raises(KeyError, match="expected both q_bias and v_bias"):
         convert_reference_state_dict(state)
+
+
+def test_hub_preset_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BlipDiffError, match="Salesforce/blipdiffusion: not a local folder and not downloadable"):
+        blip_diffusion.from_preset("blipdiffusion")
