@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="zero-shot subject-driven generation (batched)",
                          description=generate.__doc__.split("\n")[0])
     generate.add_arguments(gen)
+    from components import finetune
+
+    ft = sub.add_parser("finetune", help="fine-tune on one subject (full UNet or LoRA)",
+                        description=finetune.__doc__.split("\n")[0])
+    finetune.add_arguments(ft)
     return parser
 
 
@@ -98,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             from components import generate
 
             generate.run(args)
+        elif args.command == "finetune":
+            from components import finetune
+
+            finetune.run(args)
         else:
             run_stage(args.command, args.params, args.overrides, Path.cwd())
     except BlipDiffError as exc:

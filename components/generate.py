@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     subj.add_argument("--subject-image", nargs="+", type=Path, default=[],
                       help="reference image(s) of the subject; their embeddings are averaged")
     subj.add_argument("--embeddings", type=Path, help="saved subject embeddings (safetensors) instead")
+    subj.add_argument("--finetuned", type=Path,
+                      help="a `blipdiff finetune` folder: its UNet or LoRA and its subject embeddings")
     subj.add_argument("--save-embeddings", type=Path, help="save the subject embeddings here")
     subj.add_argument("--source-subject", help="class of the subject in the reference images")
     subj.add_argument("--target-subject", help="class to draw (default: the source subject)")
@@ -81,6 +83,19 @@ def load_embeddings(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
         raise BlipDiffError(f"{path}: not a subject embeddings file ({exc})") from None
 
 
+def read_subject_images(paths: list[Path]) -> list:
+    """Reference images as RGB arrays; an unreadable one is a clear error."""
+    from components.images import SkipImage, load_image
+
+    refs = []
+    for path in paths:
+        try:
+            refs.append(load_image(path, max_side=1024).rgb)
+        except (SkipImage, OSError) as exc:
+            raise BlipDiffError(f"subject image {exc}") from None
+    return refs
+
+
 def _validate(args) -> None:
     prompts = [p.strip() for p in args.prompt]
     if not prompts:
@@ -92,10 +107,9 @@ def _validate(args) -> None:
     if args.seeds is not None and len(args.seeds) != len(prompts) * args.images_per_prompt:
         raise BlipDiffError(f"--seeds has {len(args.seeds)} values for {len(prompts)} prompts x "
                             f"{args.images_per_prompt} images = {len(prompts) * args.images_per_prompt}")
-    if not args.subject_image and not args.embeddings:
-        raise BlipDiffError("give --subject-image (one or more) or --embeddings")
-    if args.subject_image and args.embeddings:
-        raise BlipDiffError("give --subject-image or --embeddings, not both")
+    given = [n for n in ("subject_image", "embeddings", "finetuned") if getattr(args, n)]
+    if len(given) != 1:
+        raise BlipDiffError("give exactly one of --subject-image (one or more), --embeddings, --finetuned")
     if args.subject_image and not args.source_subject:
         raise BlipDiffError("--source-subject (the class in the reference images) is required")
     for size in (args.height, args.width):
@@ -122,7 +136,6 @@ def _placement(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
 
 def run(args) -> list[dict]:
     from components.blip_diffusion import from_preset
-    from components.images import SkipImage, load_image
     from components.io import atomic_path, save_png
 
     _validate(args)
@@ -133,20 +146,20 @@ def run(args) -> list[dict]:
     log.info("model %s on %s (%s) in %.1f s", args.checkpoint or preset, device, dtype,
              time.perf_counter() - start)
 
-    if args.embeddings:
-        embeds, meta = load_embeddings(args.embeddings)
+    if args.embeddings or args.finetuned:
+        if args.finetuned:
+            from components import finetune
+
+            embeds, meta = finetune.apply(model, args.finetuned)
+        else:
+            embeds, meta = load_embeddings(args.embeddings)
         source = args.source_subject or meta.get("source_subject", "")
         expected = (model.qformer.config.num_query_tokens, model.text_encoder.config.hidden_size)
         if tuple(embeds.shape[1:]) != expected:
-            raise BlipDiffError(f"{args.embeddings}: embeddings of shape {tuple(embeds.shape)} do not "
-                                f"fit this model (expects (1, {expected[0]}, {expected[1]}))")
+            raise BlipDiffError(f"{args.embeddings or args.finetuned}: embeddings of shape {tuple(embeds.shape)} "
+                                f"do not fit this model (expects (1, {expected[0]}, {expected[1]}))")
     else:
-        refs = []
-        for path in args.subject_image:
-            try:
-                refs.append(load_image(path, max_side=1024).rgb)
-            except (SkipImage, OSError) as exc:
-                raise BlipDiffError(f"subject image {exc}") from None
+        refs = read_subject_images(args.subject_image)
         source = args.source_subject
         embeds = model.subject_embeddings(refs, source)
         if args.save_embeddings:
@@ -182,6 +195,7 @@ def run(args) -> list[dict]:
                     "source_subject": source, "target_subject": target,
                     "subject_images": [str(p) for p in args.subject_image],
                     "embeddings": str(args.embeddings) if args.embeddings else None,
+                    "finetuned": str(args.finetuned) if args.finetuned else None,
                     "negative_prompt": args.negative_prompt, "guidance_scale": args.guidance_scale,
                     "steps": args.steps, "scheduler": args.scheduler, "height": height, "width": width,
                     "prompt_strength": args.prompt_strength, "prompt_reps": args.prompt_reps,
