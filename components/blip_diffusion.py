@@ -112,6 +112,15 @@ class BlipDiffusion:
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        """The image size the UNet was configured for (512 for the released model)."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "BlipDiffusion":
         for module in (self.qformer, self.text_encoder, self.unet, self.vae):
             module.to(device=device, dtype=dtype)
@@ -220,7 +229,7 @@ class BlipDiffusion:
         guided = guidance_scale > 1.0
         text = torch.cat([self.encode_negative(negative_prompt, len(built)), cond]) if guided else cond
 
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = self.vae_scale_factor
         shape = (1, self.unet.config.in_channels, height // factor, width // factor)
         # One generator per image: an image depends on its seed only, not on the batch.
         latents = torch.cat([

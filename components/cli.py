@@ -22,11 +22,8 @@ METRICS_DIR = Path("metrics")
 
 def _ingest(params, root: Path):
     from components import ingest
-    from components.io import read_manifest, SUBJECTS_SCHEMA
 
-    metrics = ingest.run(params.ingest, root)
-    frame = read_manifest(root / ingest.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
-    return metrics, ingest.sample_images(frame, root)
+    return ingest.run(params.ingest, root)
 
 
 def _context(params, root: Path):

@@ -60,7 +60,7 @@ class FinetuneResult:
 
 def reference_latents(model, images: list[np.ndarray], generator: torch.Generator) -> torch.Tensor:
     """VAE latents of the reference images at the model's native resolution (as training)."""
-    size = model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
+    size = model.native_size
     pixels = torch.stack([
         torch.from_numpy(np.asarray(Image.fromarray(im).convert("RGB").resize((size, size), Image.Resampling.BICUBIC),
                                     dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
@@ -159,13 +159,13 @@ def add_arguments(p) -> None:
 def run(args) -> FinetuneResult:
     from components.blip_diffusion import from_preset
     from components.device import resolve_device
-    from components.generate import _params_preset, read_subject_images
+    from components.generate import params_preset, read_subject_images
 
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                          lora_rank=args.lora_rank, seed=args.seed)
     cfg.check()
     refs = read_subject_images(args.subject_image)
-    model = from_preset(args.preset or _params_preset(), args.checkpoint, args.seed).to(resolve_device(args.device))
+    model = from_preset(args.preset or params_preset(), args.checkpoint, args.seed).to(resolve_device(args.device))
     result = finetune(model, refs, args.subject, cfg)
     save(model, result, cfg, args.subject, args.out)
     log.info("wall time for subject %r: %.1f s (%d steps); saved to %s", args.subject, result.seconds,

@@ -139,7 +139,7 @@ def run(args) -> list[dict]:
     from components.io import atomic_path, save_png
 
     _validate(args)
-    preset = args.preset or _params_preset()
+    preset = args.preset or params_preset()
     device, dtype = _placement(args.device, args.dtype)
     start = time.perf_counter()
     model = from_preset(preset, args.checkpoint).to(device, dtype)
@@ -168,8 +168,7 @@ def run(args) -> list[dict]:
             log.info("saved subject embeddings to %s", args.save_embeddings)
     target = args.target_subject or source
 
-    native = model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
-    height, width = args.height or native, args.width or native
+    height, width = args.height or model.native_size, args.width or model.native_size
     prompts = [p.strip() for p in args.prompt for _ in range(args.images_per_prompt)]
     seeds = args.seeds or [args.seed + i for i in range(len(prompts))]
     records = []
@@ -206,7 +205,7 @@ def run(args) -> list[dict]:
     return records
 
 
-def _params_preset() -> str:
+def params_preset() -> str:
     from components.config import load_params
 
     return load_params("params.yaml").preset if Path("params.yaml").is_file() else "tiny"

@@ -138,8 +138,8 @@ def dreambench_root(cfg: IngestConfig, root: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- stage
-def run(cfg: IngestConfig, root: Path) -> dict:
-    """Run the stage in `root` (the repo); return its metrics."""
+def run(cfg: IngestConfig, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Run the stage in `root` (the repo); return its metrics and a few sample images."""
     skipped: Counter = Counter()
     extra_files: dict[str, dict] = {}
     if cfg.source == "synthetic":
@@ -240,7 +240,7 @@ def run(cfg: IngestConfig, root: Path) -> dict:
     }
     for reason in (*UNREADABLE, images.DUPLICATE, images.EMPTY_SUBJECT):
         metrics[f"skipped_{reason}"] = int(skipped[reason])
-    return metrics
+    return metrics, sample_images(frame, root)
 
 
 def assign_splits(rows: list[dict], test_per_subject: int) -> None:

@@ -42,7 +42,7 @@ def user_folder(tmp_path):
 def test_folder_ingest_counts_every_skip(tmp_path, user_folder):
     root = tmp_path / "repo"
     root.mkdir()
-    metrics = ingest.run(_folder_cfg(user_folder, max_skipped_fraction=0.5), root)
+    metrics, _ = ingest.run(_folder_cfg(user_folder, max_skipped_fraction=0.5), root)
     frame = read_manifest(root / ingest.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
     assert metrics["files_found"] == 8
     assert metrics["images_written"] == 5 and len(frame) == 5
@@ -99,7 +99,7 @@ def test_synthetic_ingest_is_deterministic_with_masks(tmp_path):
     for name in ("a", "b"):
         root = tmp_path / name
         root.mkdir()
-        metrics = ingest.run(cfg, root)
+        metrics, _ = ingest.run(cfg, root)
         outputs.append({p.relative_to(root).as_posix(): p.read_bytes()
                         for p in sorted(root.rglob("*")) if p.is_file()})
     assert outputs[0] == outputs[1]  # same seed, same bytes
@@ -111,7 +111,7 @@ def test_synthetic_ingest_is_deterministic_with_masks(tmp_path):
 
 def test_dreambench_folder(tmp_path, dreambench_dir):
     cfg = IngestConfig(source="dreambench", dreambench={"path": str(dreambench_dir)})
-    metrics = ingest.run(cfg, tmp_path)
+    metrics, _ = ingest.run(cfg, tmp_path)
     frame = read_manifest(tmp_path / ingest.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
     assert metrics["subjects_written"] == 30 and frame["subject_id"].nunique() == 30
     assert metrics["images_written"] == 158 and len(frame) == 158
