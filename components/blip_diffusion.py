@@ -397,9 +397,23 @@ def build_tiny(seed: int = 0, image_size: int = 64) -> BlipDiffusion:
     )
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+    _calibrate_latent_scale(vae, image_size, seed)
     return BlipDiffusion(qformer=qformer, text_encoder=text_encoder, tokenizer=tokenizer,
                          qformer_tokenizer=bert, unet=unet, vae=vae, scheduler=scheduler,
                          image_processor=ImageProcessorConfig(size=32, crop_size=32)).to("cpu")
+
+
+@torch.no_grad()
+def _calibrate_latent_scale(vae, image_size: int, seed: int) -> None:
+    """Set the VAE's scaling factor so that latents have unit variance, as SD's 0.18215 does
+    for its VAE. A random VAE's latents are far smaller: with SD's factor the diffusion
+    target would drown in the noise and the UNet could ignore its conditioning."""
+    from components.backgrounds import background_pool
+
+    images = np.stack(background_pool(16, image_size, image_size, seed))
+    pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)
+    std = vae.encode(pixels).latent_dist.mode().std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 4))
 
 
 def from_preset(preset: str, checkpoint: str | None = None, seed: int = 0) -> BlipDiffusion:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,14 +33,21 @@ def _context(params, root: Path):
     return context.run(params, root)
 
 
+def _train_subject(params, root: Path, resume: str | None = None):
+    from components import train_subject
+
+    return train_subject.run(params, root, resume=resume)
+
+
 # stage name -> (function, params sections it reads)
 STAGES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "ingest": (_ingest, ("ingest",)),
     "context": (_context, ("preset", "context")),
+    "train_subject": (_train_subject, ("preset", "train_subject")),
 }
 
 
-def run_stage(stage: str, params_path: Path, overrides: list[str], root: Path) -> dict:
+def run_stage(stage: str, params_path: Path, overrides: list[str], root: Path, **options) -> dict:
     from components import tracking
     from components.config import load_params
     from components.io import write_json
@@ -49,8 +57,12 @@ def run_stage(stage: str, params_path: Path, overrides: list[str], root: Path) -
     stage_params = {s: getattr(params, s) for s in sections}
     stage_params = {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in stage_params.items()}
     start = time.perf_counter()
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Other processes of a multi-process run (accelerate launch) only train.
+        fn(params, root, **options)
+        return {}
     with tracking.stage_run(stage, stage_params, root):
-        metrics, samples = fn(params, root)
+        metrics, samples = fn(params, root, **options)
         metrics["seconds_wall"] = round(time.perf_counter() - start, 3)
         # Timings go to MLflow only: the DVC metrics file stays the same bytes for the
         # same params, like every other output.
@@ -58,6 +70,10 @@ def run_stage(stage: str, params_path: Path, overrides: list[str], root: Path) -
         write_json(stable, root / METRICS_DIR / f"{stage}.json")
         tracking.log_metrics(metrics)
         tracking.log_images(samples)
+        if stage == "train_subject":
+            from components import registry, train_subject
+
+            registry.log_and_register(root / train_subject.MODEL_DIR)
     log.info("%s done in %.1f s; metrics in %s", stage, metrics["seconds_wall"],
              METRICS_DIR / f"{stage}.json")
     return metrics
@@ -74,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
             "-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
             help="override a param for this run, e.g. -S ingest.source=dreambench (repeatable)",
         )
+        if stage == "train_subject":
+            p.add_argument("--resume", metavar="latest|DIR",
+                           help="continue from a checkpoint of a run with the same params")
     from components import generate
 
     gen = sub.add_parser("generate", help="zero-shot subject-driven generation (batched)",
@@ -105,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
             finetune.run(args)
         else:
-            run_stage(args.command, args.params, args.overrides, Path.cwd())
+            options = {"resume": args.resume} if getattr(args, "resume", None) else {}
+            run_stage(args.command, args.params, args.overrides, Path.cwd(), **options)
     except BlipDiffError as exc:
         print(f"blipdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2

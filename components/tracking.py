@@ -101,10 +101,21 @@ def log_metrics(metrics: dict[str, float]) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _is_number(v)})
 
 
-def log_images(images: dict[str, np.ndarray], folder: str = "samples") -> None:
-    """Log a few uint8 HxW(x3) arrays as PNG artifacts of the active run."""
+def log_step(metrics: dict[str, float], step: int) -> None:
+    """Curves (loss, learning rate, throughput) against the training step (no-op outside a run)."""
     import mlflow
 
+    if mlflow.active_run() is None:
+        return
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_images(images: dict[str, np.ndarray], folder: str = "samples") -> None:
+    """Log a few uint8 HxW(x3) arrays as PNG artifacts of the active run (no-op outside a run)."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
     for name, image in images.items():
         mlflow.log_image(image, f"{folder}/{name}.png")
 

@@ -23,4 +23,4 @@ def test_dvc_repro_context_then_nothing_to_do(checkout):
     assert "Running stage" not in out
     assert "didn't change" in out or "up to date" in out.lower()
     assert (work / "data/pairs.parquet").stat().st_mtime_ns == mtime
-    assert "up to date" in _sh("dvc status", work, env).lower()
+    assert "up to date" in _sh("dvc status context", work, env).lower()

@@ -1,0 +1,55 @@
+"""The trained model in the MLflow model registry, as a pyfunc that generates images.
+
+`mlflow.pyfunc.load_model("models:/blip-diffusion/1").predict(df)` takes columns
+`subject_image` (a path), `source_subject`, `prompt` and optional `seed`, and returns one
+float image (H, W, 3) in [0, 1] per row.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow.pyfunc
+
+log = logging.getLogger(__name__)
+
+REGISTERED_NAME = "blip-diffusion"
+
+
+class BlipDiffusionPyfunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from components.blip_diffusion import load
+
+        self.model = load(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input, params=None):
+        from components.generate import read_subject_images
+
+        steps = int((params or {}).get("num_inference_steps", 50))
+        images = []
+        for row in model_input.to_dict("records"):
+            refs = read_subject_images([Path(row["subject_image"])])
+            embeds = self.model.subject_embeddings(refs, row["source_subject"])
+            size = self.model.native_size
+            images.append(self.model.generate(embeds, [row["prompt"]], row["source_subject"],
+                                              [int(row.get("seed", 0))], num_inference_steps=steps,
+                                              height=size, width=size)[0])
+        return images
+
+
+def log_and_register(checkpoint: Path, name: str = REGISTERED_NAME) -> str:
+    """Log the checkpoint folder as the active run's model and register it; return the version."""
+    import mlflow
+
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=BlipDiffusionPyfunc(),
+        artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(Path(__file__).resolve().parent)],
+        pip_requirements=["torch", "diffusers", "transformers", "safetensors", "pillow"],
+        registered_model_name=name,
+    )
+    version = str(info.registered_model_version)
+    log.info("registered %s version %s (%s)", name, version, info.model_uri)
+    return version

@@ -1,0 +1,378 @@
+"""Stage `train_subject`: subject representation learning (BLIP-Diffusion stage 2, paper Sec. 4.2).
+
+Each training pair: the composite (subject alpha-blended on a new background) goes
+through the frozen image encoder and the Q-Former to give subject embeddings; the
+original image's VAE latent is the denoising target. Text: "[caption], the [class] is
+[subject embeddings]"; with probability `subject_prompt_drop` the subject prompt is left
+out. Noise-prediction MSE on diffusers' DDPM schedule. Trainable: Q-Former + projection,
+text encoder, UNet (each switchable); frozen: image encoder, VAE.
+
+Runs under accelerate: `accelerate launch --multi_gpu --num_processes N -m components.cli
+train_subject` starts N processes (on a machine without GPUs they train on the CPU, gloo). Every step draws its batch, noise and timesteps from a generator
+seeded by (seed, step, micro-batch, process), so a run resumed from a checkpoint ends with
+the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from components.config import Params, TrainSubjectConfig
+from components.context import PAIRS_MANIFEST
+from components.errors import BlipDiffError
+from components.io import PAIRS_SCHEMA, read_manifest
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = Path("models/blip_diffusion")
+CHECKPOINT_DIR = Path("models/.checkpoints/train_subject")
+STOP_AFTER_ENV = "BLIPDIFF_STOP_AFTER_STEP"  # tests: end the run after this step, as a kill would
+
+
+# ----------------------------------------------------------------------------- data
+class PairData:
+    """All training tensors, precomputed once: the VAE and image encoder are frozen."""
+
+    def __init__(self, model, frame, root: Path, resolution: int, text_mode: str = "caption"):
+        self.subjects = sorted(frame["subject_id"].unique())
+        self.subject_index = torch.tensor([self.subjects.index(s) for s in frame["subject_id"]])
+        inputs = [_read(root / p) for p in frame["input_path"]]
+        targets = [_read(root / p) for p in frame["target_path"]]
+        self.pixels = model.image_processor(inputs)  # Q-Former input: the composite
+        self.latents = encode_latents(model, targets, resolution)  # target: the original
+        texts = list(frame["subject_text"])
+        q = model.qformer_tokenizer(texts, padding=True, return_tensors="pt")
+        self.class_ids, self.class_mask = q.input_ids, q.attention_mask
+        num_query = model.qformer.config.num_query_tokens
+        max_len = model.text_encoder.config.max_position_embeddings
+        captions = list(frame["caption"]) if text_mode == "caption" else ["a photo"] * len(frame)
+        classes = texts if text_mode == "caption" else ["object"] * len(frame)
+        prompts = [f"{c}, the {t} is" for c, t in zip(captions, classes)]
+        tok = model.tokenizer(prompts, padding="max_length", truncation=True, max_length=max_len - num_query,
+                              return_tensors="pt")
+        self.prompt_ids = tok.input_ids
+        # The subject embeddings go right before the end token: "..., the dog is [subject]".
+        self.ctx_pos = tok.attention_mask.sum(1) - 1
+        plain = model.tokenizer(captions, padding="max_length", truncation=True,
+                                max_length=max_len, return_tensors="pt")
+        self.caption_ids = plain.input_ids
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+
+def _read(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise BlipDiffError(f"{PAIRS_MANIFEST}: image {path} is missing (re-run `dvc repro context`)")
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@torch.no_grad()
+def encode_latents(model, images: list[np.ndarray], resolution: int) -> torch.Tensor:
+    pixels = torch.stack([
+        torch.from_numpy(np.asarray(Image.fromarray(im).resize((resolution, resolution), Image.Resampling.BICUBIC),
+                                    dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
+        for im in images
+    ])
+    latents = [model.vae.encode(chunk).latent_dist.mode() for chunk in pixels.split(32)]
+    return torch.cat(latents) * model.vae.config.scaling_factor
+
+
+# ---------------------------------------------------------------------------- model
+class Stage2(torch.nn.Module):
+    """The trained parts in one module, so accelerate wraps them (DDP) as one."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.qformer, self.text_encoder, self.unet = model.qformer, model.text_encoder, model.unet
+
+    def text_embeddings(self, data: PairData, idx, drop, embeds) -> torch.Tensor:
+        """Prompt with subject embeddings, or the caption alone where the subject prompt is dropped."""
+        out = torch.empty(len(idx), self.text_encoder.config.max_position_embeddings,
+                          self.text_encoder.config.hidden_size, device=embeds.device, dtype=embeds.dtype)
+        keep = ~drop
+        if keep.any():
+            out[keep] = self.text_encoder(data.prompt_ids[idx[keep]].to(embeds.device), ctx_embeddings=embeds[keep],
+                                          ctx_begin_pos=data.ctx_pos[idx[keep]].tolist()).last_hidden_state
+        if drop.any():
+            out[drop] = self.text_encoder(data.caption_ids[idx[drop]].to(embeds.device)).last_hidden_state
+        return out
+
+    def forward(self, data: PairData, idx, drop, noise, timesteps, noise_scheduler) -> torch.Tensor:
+        device = self.unet.device
+        embeds = self.qformer(data.pixels[idx].to(device), data.class_ids[idx].to(device),
+                              data.class_mask[idx].to(device))
+        text = self.text_embeddings(data, idx, drop.to(device), embeds)
+        clean = data.latents[idx].to(device)
+        noisy = noise_scheduler.add_noise(clean, noise.to(device), timesteps.to(device))
+        pred = self.unet(noisy, timesteps.to(device), encoder_hidden_states=text).sample
+        return F.mse_loss(pred.float(), noise.to(device).float())
+
+
+def _draw(cfg: TrainSubjectConfig, step: int, micro: int, rank: int, n: int, latent_shape, num_timesteps: int):
+    """Batch indices, subject-prompt drops, noise and timesteps of one micro-batch: a function of its position."""
+    g = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 101 + micro) * 1009 + rank)
+    idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
+    drop = torch.rand(cfg.batch_size, generator=g) < cfg.subject_prompt_drop
+    noise = torch.randn((cfg.batch_size, *latent_shape), generator=g)
+    timesteps = torch.randint(0, num_timesteps, (cfg.batch_size,), generator=g)
+    return idx, drop, noise, timesteps
+
+
+# ------------------------------------------------------------------- learning check
+@torch.no_grad()
+def fixed_batch_loss(stage2, data: PairData, cfg: TrainSubjectConfig, noise_scheduler) -> float:
+    """Loss on one fixed batch (indices, noise, timesteps): the overfit check compares it over training."""
+    was_training = stage2.training
+    stage2.eval()
+    idx, drop, noise, t = _draw(cfg, -1, 0, 0, len(data), tuple(data.latents.shape[1:]),
+                                noise_scheduler.config.num_train_timesteps)
+    loss = stage2(data, idx, torch.zeros_like(drop), noise, t, noise_scheduler).item()
+    stage2.train(was_training)
+    return loss
+
+
+@torch.no_grad()
+def identification_accuracy(model, train: PairData, held_out: PairData, cfg: TrainSubjectConfig) -> dict:
+    """Subject identification by denoising error on held-out views (the paper's claim in miniature).
+
+    For each held-out image, the denoising error of its latent is measured under every
+    training subject's embeddings (averaged over that subject's training composites), with
+    the same noise, timesteps (>= id_min_timestep) and text for every candidate. The image
+    counts as identified when its own subject gives the lowest mean error.
+    """
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(model.scheduler.config)
+    device = model.device
+    candidates = []
+    for k in range(len(train.subjects)):
+        rows = (train.subject_index == k).nonzero().flatten()
+        e = model.qformer(train.pixels[rows].to(device), train.class_ids[rows].to(device),
+                          train.class_mask[rows].to(device))
+        candidates.append(e.mean(0, keepdim=True))
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    correct = 0
+    for i in range(len(held_out)):
+        truth = train.subjects.index(held_out.subjects[int(held_out.subject_index[i])])
+        clean = held_out.latents[i : i + 1].expand(cfg.id_draws, -1, -1, -1).to(device)
+        noise = torch.randn(clean.shape, generator=g).to(device)
+        t = torch.randint(cfg.id_min_timestep, sched.config.num_train_timesteps, (cfg.id_draws,), generator=g).to(device)
+        noisy = sched.add_noise(clean, noise, t)
+        ids = held_out.prompt_ids[i : i + 1].to(device)
+        errors = []
+        for e in candidates:
+            text = model.text_encoder(ids, ctx_embeddings=e, ctx_begin_pos=[int(held_out.ctx_pos[i])]).last_hidden_state
+            pred = model.unet(noisy, t, encoder_hidden_states=text.expand(cfg.id_draws, -1, -1)).sample
+            errors.append(F.mse_loss(pred, noise).item())
+        correct += int(np.argmin(errors) == truth)
+    accuracy = correct / max(len(held_out), 1)
+    chance = 1.0 / len(train.subjects)
+    return {"id_accuracy": accuracy, "id_chance": chance, "id_images": len(held_out),
+            "id_over_chance": accuracy / chance}
+
+
+# ---------------------------------------------------------------------------- stage
+def _config_hash(params: Params) -> str:
+    from components.tracking import params_hash
+
+    return params_hash({"preset": params.preset, "train_subject": params.train_subject.model_dump()})
+
+
+def _mixed_precision(cfg: TrainSubjectConfig) -> str:
+    if cfg.mixed_precision != "auto":
+        if cfg.mixed_precision != "no" and not torch.cuda.is_available():
+            raise BlipDiffError(f"train_subject.mixed_precision={cfg.mixed_precision} needs a GPU; use auto or no")
+        return cfg.mixed_precision
+    return "fp16" if torch.cuda.is_available() else "no"
+
+
+def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_constant_schedule_with_warmup
+
+    from components import tracking
+    from components.blip_diffusion import from_preset
+
+    cfg = params.train_subject
+    frame = read_manifest(root / PAIRS_MANIFEST, PAIRS_SCHEMA)
+    if frame.empty:
+        raise BlipDiffError(f"{PAIRS_MANIFEST}: no training pairs (run `dvc repro context`)")
+    train_frame = frame[frame["split"] == "train"]
+    held_frame = frame[frame["split"] == "test"].drop_duplicates("target_path")
+    held_frame = held_frame[held_frame["subject_id"].isin(set(train_frame["subject_id"]))]
+    if train_frame.empty:
+        raise BlipDiffError(f"{PAIRS_MANIFEST}: no pairs in the train split")
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    torch.manual_seed(cfg.seed)
+    model = from_preset(params.preset, seed=cfg.seed).to(accelerator.device)
+    train = PairData(model, train_frame, root, cfg.resolution, cfg.prompt_text)
+    held_out = PairData(model, held_frame, root, cfg.resolution, cfg.prompt_text) if len(held_frame) else None
+    log.info("read %d training pairs of %d subjects, %d held-out views; %d process(es) on %s",
+             len(train), len(train.subjects), len(held_frame), accelerator.num_processes, accelerator.device)
+
+    model.vae.requires_grad_(False)
+    model.qformer.visual_encoder.requires_grad_(False)
+    for flag, module in ((cfg.train_qformer, model.qformer), (cfg.train_text_encoder, model.text_encoder),
+                         (cfg.train_unet, model.unet)):
+        if not flag:
+            module.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        model.text_encoder.gradient_checkpointing_enable()
+    stage2 = Stage2(model)
+    stage2.train()
+    trainable = [p for p in stage2.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    lr_schedule = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
+    stage2, optimizer, lr_schedule = accelerator.prepare(stage2, optimizer, lr_schedule)
+    ema = None
+    if cfg.ema_decay:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(trainable, decay=cfg.ema_decay)
+    noise_scheduler = DDPMScheduler.from_config(model.scheduler.config)
+
+    ckpt_root = root / CHECKPOINT_DIR
+    start = 0
+    if resume:
+        start = _load_checkpoint(accelerator, ckpt_root, resume, _config_hash(params), ema)
+    stop_after = int(os.environ.get(STOP_AFTER_ENV, "0")) or None
+
+    fixed_start = fixed_batch_loss(accelerator.unwrap_model(stage2), train, cfg, noise_scheduler)
+    losses, t0 = [], time.perf_counter()
+    latent_shape = tuple(train.latents.shape[1:])
+    for step in range(start, cfg.steps):
+        for micro in range(cfg.gradient_accumulation_steps):
+            idx, drop, noise, t = _draw(cfg, step, micro, accelerator.process_index, len(train), latent_shape,
+                                        noise_scheduler.config.num_train_timesteps)
+            with accelerator.accumulate(stage2):
+                loss = stage2(train, idx, drop, noise, t, noise_scheduler)
+                if not torch.isfinite(loss):
+                    raise BlipDiffError(f"train_subject: loss is {loss.item()} at step {step}; "
+                                        "lower train_subject.learning_rate")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(trainable)
+        losses.append(accelerator.gather(loss.detach()[None]).mean().item())
+        done = step + 1
+        if done % cfg.log_every == 0 and accelerator.is_main_process:
+            rate = (done - start) * cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes / (
+                time.perf_counter() - t0)
+            tracking.log_step({"loss": float(np.mean(losses[-cfg.log_every:])), "lr": lr_schedule.get_last_lr()[0],
+                               "samples_per_s": rate}, step=done)
+            log.info("step %d/%d loss %.4f (%.1f samples/s)", done, cfg.steps, np.mean(losses[-cfg.log_every:]), rate)
+        if cfg.sample_every and done % cfg.sample_every == 0 and accelerator.is_main_process:
+            tracking.log_images(_samples(model, train), folder=f"samples/step-{done:06d}")
+        if done % cfg.checkpoint_every == 0 or done == stop_after:
+            _save_checkpoint(accelerator, ckpt_root, done, _config_hash(params), ema)
+        if done == stop_after:
+            raise BlipDiffError(f"stopped after step {done} ({STOP_AFTER_ENV}); resume with --resume latest")
+    seconds = time.perf_counter() - t0
+
+    stage2.eval()
+    if ema is not None:
+        ema.copy_to(trainable)
+    metrics: dict = {}
+    samples: dict[str, np.ndarray] = {}
+    if accelerator.is_main_process:
+        model.save_pretrained(root / MODEL_DIR)
+        steps_run = cfg.steps - start
+        metrics = {
+            "fixed_batch_loss_start": fixed_start,
+            "fixed_batch_loss_end": fixed_batch_loss(accelerator.unwrap_model(stage2), train, cfg, noise_scheduler),
+            "loss_first": losses[0] if losses else float("nan"),
+            "loss_last_mean": float(np.mean(losses[-cfg.log_every:])) if losses else float("nan"),
+            "seconds_training": round(seconds, 3),
+            "seconds_per_step": round(seconds / max(steps_run, 1), 4),
+            "samples_per_s": round(steps_run * cfg.batch_size * cfg.gradient_accumulation_steps
+                                   * accelerator.num_processes / max(seconds, 1e-9), 3),
+            "peak_memory_mb": round(_peak_memory_mb(), 1),
+            "processes": accelerator.num_processes,
+            "train_pairs": len(train),
+        }
+        if held_out is not None:
+            metrics.update(identification_accuracy(model, train, held_out, cfg))
+        samples = _samples(model, train)
+        log.info("wrote %s; %s", MODEL_DIR, {k: metrics[k] for k in metrics if k.startswith(("id_", "loss"))})
+    accelerator.end_training()
+    return metrics, samples
+
+
+def _samples(model, data: PairData) -> dict[str, np.ndarray]:
+    """One generation per subject (first training composite as reference), for MLflow."""
+    out = {}
+    with torch.no_grad():
+        for k, subject in enumerate(data.subjects[:4]):
+            row = int((data.subject_index == k).nonzero()[0])
+            embeds = model.qformer(data.pixels[row : row + 1].to(model.device), data.class_ids[row : row + 1].to(model.device),
+                                   data.class_mask[row : row + 1].to(model.device))
+            image = model.generate(embeds, ["on a table"], subject.split("_")[-1], [0], num_inference_steps=10,
+                                   height=model.native_size, width=model.native_size)
+            out[subject] = (image[0] * 255).round().astype(np.uint8)
+    return out
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _save_checkpoint(accelerator, ckpt_root: Path, step: int, config_hash: str, ema) -> None:
+    accelerator.wait_for_everyone()
+    target = ckpt_root / f"step-{step:06d}"
+    accelerator.save_state(str(target))
+    if accelerator.is_main_process:
+        if ema is not None:
+            torch.save(ema.state_dict(), target / "ema.pt")
+        (target / "training_state.json").write_text(json.dumps({"step": step, "config_hash": config_hash}) + "\n")
+        for old in sorted(ckpt_root.glob("step-*"))[:-2]:  # keep the two newest
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(accelerator, ckpt_root: Path, resume: str, config_hash: str, ema) -> int:
+    if resume == "latest":
+        found = sorted(p for p in ckpt_root.glob("step-*") if (p / "training_state.json").is_file())
+        if not found:
+            raise BlipDiffError(f"--resume latest: no checkpoint in {ckpt_root}")
+        path = found[-1]
+    else:
+        path = Path(resume)
+    state_file = path / "training_state.json"
+    if not state_file.is_file():
+        raise BlipDiffError(f"{path}: not a train_subject checkpoint (no training_state.json)")
+    state = json.loads(state_file.read_text())
+    if state["config_hash"] != config_hash:
+        raise BlipDiffError(f"{path}: checkpoint was made with other train_subject/preset params "
+                            f"({state['config_hash']} != {config_hash}); start fresh without --resume")
+    accelerator.load_state(str(path))
+    if ema is not None and (path / "ema.pt").is_file():
+        ema.load_state_dict(torch.load(path / "ema.pt"))
+    log.info("resumed from %s at step %d", path, state["step"])
+    return int(state["step"])

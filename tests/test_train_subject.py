@@ -1,0 +1,143 @@
+"""Stage train_subject: resumable, multi-process, bad input, and it learns (overfit check)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from components import context, ingest, train_subject
+from components.config import Params
+from components.errors import BlipDiffError
+from components.io import PAIRS_SCHEMA, read_manifest, write_parquet
+
+SMALL = {
+    "ingest": {"synthetic": {"num_subjects": 2, "min_views": 3, "max_views": 3, "image_size": 48}},
+    "context": {"backgrounds_per_image": 1, "matting_max_side": None},
+}
+
+
+def _params(**train) -> Params:
+    base = {"steps": 4, "batch_size": 2, "resolution": 16, "warmup_steps": 1, "log_every": 1,
+            "checkpoint_every": 2, "id_draws": 2}
+    return Params(**SMALL, train_subject={**base, **train})
+
+
+@pytest.fixture(scope="module")
+def pairs_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    params = _params()
+    ingest.run(params.ingest, root)
+    context.run(params, root)
+    return root
+
+
+def _weights(root):
+    folder = root / train_subject.MODEL_DIR
+    return {sub: load_file(next((folder / sub).glob("*.safetensors"))) for sub in ("qformer", "text_encoder", "unet")}
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src / "data", dst / "data")
+    return dst
+
+
+def test_resumed_run_ends_with_the_same_weights(pairs_root, tmp_path, monkeypatch):
+    a = _copy(pairs_root, tmp_path / "a")
+    metrics, _ = train_subject.run(_params(), a)
+    assert metrics["fixed_batch_loss_end"] < metrics["fixed_batch_loss_start"] * 1.5  # finite, sane
+    b = _copy(pairs_root, tmp_path / "b")
+    monkeypatch.setenv(train_subject.STOP_AFTER_ENV, "2")
+    with pytest.raises(BlipDiffError, match="stopped after step 2"):
+        train_subject.run(_params(), b)
+    assert not (b / train_subject.MODEL_DIR).exists()  # nothing half-written
+    monkeypatch.delenv(train_subject.STOP_AFTER_ENV)
+    train_subject.run(_params(), b, resume="latest")
+    wa, wb = _weights(a), _weights(b)
+    for part in wa:
+        assert wa[part].keys() == wb[part].keys()
+        for key in wa[part]:
+            assert (wa[part][key] == wb[part][key]).all(), f"{part}.{key}"
+
+    with pytest.raises(BlipDiffError, match="checkpoint was made with other train_subject/preset params"):
+        train_subject.run(_params(learning_rate=1e-3), b, resume="latest")
+
+
+def test_overfit_fixed_batch_loss_falls(pairs_root, tmp_path):
+    root = _copy(pairs_root, tmp_path / "r")
+    metrics, _ = train_subject.run(_params(steps=60, learning_rate=1e-3, checkpoint_every=1000), root)
+    assert metrics["fixed_batch_loss_end"] < 0.5 * metrics["fixed_batch_loss_start"], metrics
+
+
+def test_bad_inputs(pairs_root, tmp_path):
+    with pytest.raises(BlipDiffError, match="manifest not found"):
+        train_subject.run(_params(), tmp_path)
+    root = _copy(pairs_root, tmp_path / "missing")
+    pairs = read_manifest(root / context.PAIRS_MANIFEST, PAIRS_SCHEMA)
+    (root / pairs["input_path"].iloc[0]).unlink()
+    with pytest.raises(BlipDiffError, match="is missing"):
+        train_subject.run(_params(), root)
+    write_parquet([], root / context.PAIRS_MANIFEST, PAIRS_SCHEMA)
+    with pytest.raises(BlipDiffError, match="no training pairs"):
+        train_subject.run(_params(), root)
+    with pytest.raises(BlipDiffError, match="no checkpoint"):
+        train_subject.run(_params(), _copy(pairs_root, tmp_path / "fresh"), resume="latest")
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_with_accelerate_launch(pairs_root, tmp_path):
+    root = _copy(pairs_root, tmp_path / "mp")
+    import yaml
+
+    from tests.conftest import REPO
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train_subject"].update(steps=2, batch_size=2, resolution=16, log_every=1, id_draws=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # On a machine without GPUs, --multi_gpu starts torch.distributed processes that
+    # accelerate runs as MULTI_CPU (gloo); --cpu alone would start a single process.
+    from tests.test_flow import _free_port
+
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(_free_port()), "-m", "components.cli", "train_subject"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((root / "metrics/train_subject.json").read_text())
+    assert metrics["processes"] == 2
+    assert (root / train_subject.MODEL_DIR / "unet").is_dir()
+
+
+def test_cli_stage_registers_the_model(pairs_root, tmp_path, monkeypatch):
+    import mlflow
+    import numpy as np
+    import yaml
+
+    from components.cli import main
+    from tests.conftest import REPO
+
+    root = _copy(pairs_root, tmp_path / "cli")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train_subject"].update(steps=2, batch_size=2, resolution=16, log_every=1, id_draws=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(root)
+    assert main(["train_subject"]) == 0
+    client = mlflow.tracking.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    (version,) = client.search_model_versions("name='blip-diffusion'")
+    run = client.get_run(version.run_id)
+    assert run.info.run_name == "train_subject"
+    history = client.get_metric_history(version.run_id, "loss")
+    assert [m.step for m in history] == [1, 2]
+    model = mlflow.pyfunc.load_model(f"models:/blip-diffusion/{version.version}")
+    pairs = read_manifest(root / context.PAIRS_MANIFEST, PAIRS_SCHEMA)
+    import pandas as pd
+
+    images = model.predict(pd.DataFrame([{"subject_image": str(root / pairs["target_path"].iloc[0]),
+                                          "source_subject": "toy", "prompt": "on a beach"}]),
+                           params={"num_inference_steps": 2})
+    assert len(images) == 1 and images[0].shape == (64, 64, 3) and np.isfinite(images[0]).all()
