@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from components.errors import BlipDiffError
 
@@ -59,16 +58,10 @@ class FinetuneResult:
 
 
 def reference_latents(model, images: list[np.ndarray], generator: torch.Generator) -> torch.Tensor:
-    """VAE latents of the reference images at the model's native resolution (as training)."""
-    size = model.native_size
-    pixels = torch.stack([
-        torch.from_numpy(np.asarray(Image.fromarray(im).convert("RGB").resize((size, size), Image.Resampling.BICUBIC),
-                                    dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
-        for im in images
-    ]).to(model.device, model.vae.dtype)
-    with torch.no_grad():
-        dist = model.vae.encode(pixels).latent_dist
-    return dist.sample(generator=generator) * model.vae.config.scaling_factor
+    """VAE latents (sampled, as the reference) of the reference images at the model's native size."""
+    from components.train_subject import encode_latents
+
+    return encode_latents(model, images, model.native_size, generator)
 
 
 def prompt_ids(model, subject: str, num_query_tokens: int) -> torch.Tensor:

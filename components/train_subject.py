@@ -80,13 +80,18 @@ def _read(path: Path) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode_latents(model, images: list[np.ndarray], resolution: int) -> torch.Tensor:
+def encode_latents(model, images: list[np.ndarray], resolution: int,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled VAE latents of RGB images resized to `resolution`: the distribution's mode, or a
+    sample from it when a generator is given."""
     pixels = torch.stack([
-        torch.from_numpy(np.asarray(Image.fromarray(im).resize((resolution, resolution), Image.Resampling.BICUBIC),
+        torch.from_numpy(np.asarray(Image.fromarray(im).convert("RGB").resize((resolution, resolution),
+                                                                           Image.Resampling.BICUBIC),
                                     dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
         for im in images
-    ])
-    latents = [model.vae.encode(chunk).latent_dist.mode() for chunk in pixels.split(32)]
+    ]).to(model.device, model.vae.dtype)
+    dists = [model.vae.encode(chunk).latent_dist for chunk in pixels.split(32)]
+    latents = [d.mode() if generator is None else d.sample(generator=generator) for d in dists]
     return torch.cat(latents) * model.vae.config.scaling_factor
 
 
