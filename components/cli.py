@@ -54,8 +54,7 @@ def run_stage(stage: str, params_path: Path, overrides: list[str], root: Path, *
 
     params = load_params(params_path, overrides)
     fn, sections = STAGES[stage]
-    stage_params = {s: getattr(params, s) for s in sections}
-    stage_params = {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in stage_params.items()}
+    stage_params = params.model_dump(include=set(sections))
     start = time.perf_counter()
     if int(os.environ.get("RANK", "0")) != 0:
         # Other processes of a multi-process run (accelerate launch) only train.

@@ -47,6 +47,8 @@ class PairData:
     def __init__(self, model, frame, root: Path, resolution: int, text_mode: str = "caption"):
         self.subjects = sorted(frame["subject_id"].unique())
         self.subject_index = torch.tensor([self.subjects.index(s) for s in frame["subject_id"]])
+        classes = dict(zip(frame["subject_id"], frame["subject_text"]))
+        self.subject_classes = [classes[s] for s in self.subjects]
         inputs = [_read(root / p) for p in frame["input_path"]]
         targets = [_read(root / p) for p in frame["target_path"]]
         self.pixels = model.image_processor(inputs)  # Q-Former input: the composite
@@ -336,7 +338,7 @@ def _samples(model, data: PairData) -> dict[str, np.ndarray]:
             row = int((data.subject_index == k).nonzero()[0])
             embeds = model.qformer(data.pixels[row : row + 1].to(model.device), data.class_ids[row : row + 1].to(model.device),
                                    data.class_mask[row : row + 1].to(model.device))
-            image = model.generate(embeds, ["on a table"], subject.split("_")[-1], [0], num_inference_steps=10,
+            image = model.generate(embeds, ["on a table"], data.subject_classes[k], [0], num_inference_steps=10,
                                    height=model.native_size, width=model.native_size)
             out[subject] = (image[0] * 255).round().astype(np.uint8)
     return out
