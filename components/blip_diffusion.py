@@ -369,13 +369,17 @@ def build_tiny(seed: int = 0, image_size: int = 64) -> BlipDiffusion:
     with tempfile.TemporaryDirectory() as tmp:
         bert = tiny_bert_tokenizer(Path(tmp))
     torch.manual_seed(seed)
+    # BERT's init std 0.02 suits width 768 (about 1/sqrt(width)); at width 32 it would leave
+    # every residual branch ~10x too small and the Q-Former's outputs nearly independent of
+    # its inputs, so the tiny networks use 1/sqrt(width).
+    init_std = round(hidden ** -0.5, 4)
     qformer = BlipDiffusionQFormer(Blip2Config(
         vision_config=dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, image_size=32, patch_size=8, layer_norm_eps=1e-5),
         qformer_config=dict(vocab_size=len(bert), hidden_size=hidden, num_hidden_layers=2,
                             num_attention_heads=4, intermediate_size=64, encoder_hidden_size=hidden,
                             cross_attention_frequency=1, max_position_embeddings=64, pad_token_id=0),
-        num_query_tokens=16,
+        num_query_tokens=16, initializer_range=init_std,
     ))
     text_encoder = ContextCLIPTextModel(CLIPTextConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=64,

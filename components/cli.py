@@ -19,6 +19,7 @@ from components.errors import BlipDiffError
 
 log = logging.getLogger("blipdiff")
 METRICS_DIR = Path("metrics")
+MACHINE_DEPENDENT = ("seconds_", "samples_per_s", "peak_memory_mb")  # metric name prefixes
 
 
 def _ingest(params, root: Path):
@@ -33,6 +34,12 @@ def _context(params, root: Path):
     return context.run(params, root)
 
 
+def _pretrain_qformer(params, root: Path, resume: str | None = None):
+    from components import pretrain_qformer
+
+    return pretrain_qformer.run(params, root, resume=resume)
+
+
 def _train_subject(params, root: Path, resume: str | None = None):
     from components import train_subject
 
@@ -43,6 +50,7 @@ def _train_subject(params, root: Path, resume: str | None = None):
 STAGES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "ingest": (_ingest, ("ingest",)),
     "context": (_context, ("preset", "context")),
+    "pretrain_qformer": (_pretrain_qformer, ("preset", "pretrain_qformer")),
     "train_subject": (_train_subject, ("preset", "train_subject")),
 }
 
@@ -63,9 +71,9 @@ def run_stage(stage: str, params_path: Path, overrides: list[str], root: Path, *
     with tracking.stage_run(stage, stage_params, root):
         metrics, samples = fn(params, root, **options)
         metrics["seconds_wall"] = round(time.perf_counter() - start, 3)
-        # Timings go to MLflow only: the DVC metrics file stays the same bytes for the
-        # same params, like every other output.
-        stable = {k: v for k, v in metrics.items() if not k.startswith("seconds_")}
+        # Timings, throughput and memory go to MLflow only: the DVC metrics file stays the
+        # same bytes for the same params, like every other output.
+        stable = {k: v for k, v in metrics.items() if not k.startswith(MACHINE_DEPENDENT)}
         write_json(stable, root / METRICS_DIR / f"{stage}.json")
         tracking.log_metrics(metrics)
         tracking.log_images(samples)
@@ -89,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
             "-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
             help="override a param for this run, e.g. -S ingest.source=dreambench (repeatable)",
         )
-        if stage == "train_subject":
+        if stage in ("pretrain_qformer", "train_subject"):
             p.add_argument("--resume", metavar="latest|DIR",
                            help="continue from a checkpoint of a run with the same params")
     from components import generate

@@ -106,6 +106,35 @@ class ContextConfig(_Section):
 
 
 # -------------------------------------------------------------------- train_subject
+class PretrainQFormerConfig(_Section):
+    """Stage 1, Q-Former pre-training with BLIP-2's three objectives (frozen image encoder)."""
+
+    seed: int = 0
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(32, ge=2)  # per process; ITC and ITM need in-batch negatives
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-3, gt=0.0)  # tiny preset; BLIP-2 used 1e-4 at full scale
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    embed_dim: int = Field(256, ge=8)  # ITC projection size (BLIP-2: 256)
+    max_text_length: int = Field(64, ge=8)  # tokens; also capped by the Q-Former's positions
+    itc_weight: float = Field(1.0, ge=0.0)
+    itm_weight: float = Field(1.0, ge=0.0)
+    itg_weight: float = Field(1.0, ge=0.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)  # ITG cross-entropy (BLIP-2: 0.1)
+    augment: bool = True  # random flips and crops of the training images
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PretrainQFormerConfig":
+        if not (self.itc_weight or self.itm_weight or self.itg_weight):
+            raise ValueError("all objective weights are 0: set itc_weight, itm_weight or itg_weight")
+        return self
+
+
 class TrainSubjectConfig(_Section):
     """Stage 2, subject representation learning (paper Sec. 4.2)."""
 
@@ -124,6 +153,9 @@ class TrainSubjectConfig(_Section):
     # a subject, so with them the UNet learns to ignore the subject embeddings (measured:
     # identification 0.08 with captions, 0.29 neutral, chance 0.125); neutral is the default.
     prompt_text: Literal["caption", "neutral"] = "neutral"
+    # Start from this pre-trained Q-Former folder (stage pretrain_qformer's output); null =
+    # the preset's own Q-Former (the released one for blipdiffusion).
+    qformer: str | None = "models/qformer"
     train_qformer: bool = True  # Q-Former + projection (the image encoder stays frozen)
     train_text_encoder: bool = True
     train_unet: bool = True
@@ -152,6 +184,7 @@ class Params(_Section):
     preset: Preset = "tiny"
     ingest: IngestConfig = IngestConfig()
     context: ContextConfig = ContextConfig()
+    pretrain_qformer: PretrainQFormerConfig = PretrainQFormerConfig()
     train_subject: TrainSubjectConfig = TrainSubjectConfig()
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from components.errors import BlipDiffError
+
 # Skip reasons, reported by count in the stage metrics.
 NOT_AN_IMAGE = "not_an_image"
 CORRUPT = "corrupt"
@@ -120,6 +122,14 @@ def read_rgb(path: Path) -> np.ndarray:
     """Read an image the pipeline itself wrote (already normalised)."""
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def read_listed_rgb(root: Path, relative: str, manifest: Path, producer: str) -> np.ndarray:
+    """An image a manifest lists; a missing file names the stage that writes it."""
+    path = root / relative
+    if not path.is_file():
+        raise BlipDiffError(f"{manifest}: image {path} is missing (re-run `dvc repro {producer}`)")
+    return read_rgb(path)
 
 
 def read_alpha(path: Path) -> np.ndarray:

@@ -109,11 +109,12 @@ class BlipDiffusionQFormer(Blip2PreTrainedModel):
 
     def _init_weights(self, module):
         if isinstance(module, VisionEmbeddings):
-            std = self.config.vision_config.initializer_range
+            std = self.config.initializer_range
             nn.init.trunc_normal_(module.position_embedding, std=std)
             nn.init.trunc_normal_(module.class_embedding, std=std)
         elif isinstance(module, BlipDiffusionQFormer):
-            nn.init.zeros_(module.query_tokens)
+            # Random, as BLIP-2 initialises them: equal query tokens would stay equal in training.
+            nn.init.normal_(module.query_tokens, std=self.config.initializer_range)
         else:
             super()._init_weights(module)
 

@@ -15,11 +15,7 @@ the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import resource
-import shutil
 import time
 from pathlib import Path
 
@@ -28,16 +24,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from components import training
 from components.config import Params, TrainSubjectConfig
 from components.context import PAIRS_MANIFEST
 from components.errors import BlipDiffError
+from components.images import read_listed_rgb
 from components.io import PAIRS_SCHEMA, read_manifest
 
 log = logging.getLogger(__name__)
 
 MODEL_DIR = Path("models/blip_diffusion")
-CHECKPOINT_DIR = Path("models/.checkpoints/train_subject")
-STOP_AFTER_ENV = "BLIPDIFF_STOP_AFTER_STEP"  # tests: end the run after this step, as a kill would
+CHECKPOINT_DIR = training.CHECKPOINT_ROOT / "train_subject"
+STOP_AFTER_ENV = training.STOP_AFTER_ENV
 
 
 # ----------------------------------------------------------------------------- data
@@ -49,8 +47,8 @@ class PairData:
         self.subject_index = torch.tensor([self.subjects.index(s) for s in frame["subject_id"]])
         classes = dict(zip(frame["subject_id"], frame["subject_text"]))
         self.subject_classes = [classes[s] for s in self.subjects]
-        inputs = [_read(root / p) for p in frame["input_path"]]
-        targets = [_read(root / p) for p in frame["target_path"]]
+        inputs = [read_listed_rgb(root, p, PAIRS_MANIFEST, "context") for p in frame["input_path"]]
+        targets = [read_listed_rgb(root, p, PAIRS_MANIFEST, "context") for p in frame["target_path"]]
         self.pixels = model.image_processor(inputs)  # Q-Former input: the composite
         self.latents = encode_latents(model, targets, resolution)  # target: the original
         texts = list(frame["subject_text"])
@@ -72,13 +70,6 @@ class PairData:
 
     def __len__(self) -> int:
         return len(self.latents)
-
-
-def _read(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise BlipDiffError(f"{PAIRS_MANIFEST}: image {path} is missing (re-run `dvc repro context`)")
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 @torch.no_grad()
@@ -130,7 +121,7 @@ class Stage2(torch.nn.Module):
 
 def _draw(cfg: TrainSubjectConfig, step: int, micro: int, rank: int, n: int, latent_shape, num_timesteps: int):
     """Batch indices, subject-prompt drops, noise and timesteps of one micro-batch: a function of its position."""
-    g = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 101 + micro) * 1009 + rank)
+    g = training.step_generator(cfg.seed, step, micro, rank)
     idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
     drop = torch.rand(cfg.batch_size, generator=g) < cfg.subject_prompt_drop
     noise = torch.randn((cfg.batch_size, *latent_shape), generator=g)
@@ -192,23 +183,7 @@ def identification_accuracy(model, train: PairData, held_out: PairData, cfg: Tra
 
 
 # ---------------------------------------------------------------------------- stage
-def _config_hash(params: Params) -> str:
-    from components.tracking import params_hash
-
-    return params_hash({"preset": params.preset, "train_subject": params.train_subject.model_dump()})
-
-
-def _mixed_precision(cfg: TrainSubjectConfig) -> str:
-    if cfg.mixed_precision != "auto":
-        if cfg.mixed_precision != "no" and not torch.cuda.is_available():
-            raise BlipDiffError(f"train_subject.mixed_precision={cfg.mixed_precision} needs a GPU; use auto or no")
-        return cfg.mixed_precision
-    return "fp16" if torch.cuda.is_available() else "no"
-
-
 def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_constant_schedule_with_warmup
 
@@ -225,13 +200,15 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
     if train_frame.empty:
         raise BlipDiffError(f"{PAIRS_MANIFEST}: no pairs in the train split")
 
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
+    accelerator = training.make_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision, "train_subject")
     torch.manual_seed(cfg.seed)
-    model = from_preset(params.preset, seed=cfg.seed).to(accelerator.device)
+    model = from_preset(params.preset, seed=cfg.seed)
+    if cfg.qformer:
+        from components.pretrain_qformer import load_qformer
+
+        model.qformer, model.qformer_tokenizer = load_qformer(root / cfg.qformer, model.qformer)
+        log.info("subject encoder starts from the pre-trained Q-Former in %s", cfg.qformer)
+    model.to(accelerator.device)
     train = PairData(model, train_frame, root, cfg.resolution, cfg.prompt_text)
     held_out = PairData(model, held_frame, root, cfg.resolution, cfg.prompt_text) if len(held_frame) else None
     log.info("read %d training pairs of %d subjects, %d held-out views; %d process(es) on %s",
@@ -260,10 +237,11 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
     noise_scheduler = DDPMScheduler.from_config(model.scheduler.config)
 
     ckpt_root = root / CHECKPOINT_DIR
+    config_hash = training.config_hash(params, "train_subject")
     start = 0
     if resume:
-        start = _load_checkpoint(accelerator, ckpt_root, resume, _config_hash(params), ema)
-    stop_after = int(os.environ.get(STOP_AFTER_ENV, "0")) or None
+        start = training.load_checkpoint(accelerator, ckpt_root, resume, config_hash, "train_subject", ema)
+    stop_after = training.stop_after_step()
 
     fixed_start = fixed_batch_loss(accelerator.unwrap_model(stage2), train, cfg, noise_scheduler)
     losses, t0 = [], time.perf_counter()
@@ -296,7 +274,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
         if cfg.sample_every and done % cfg.sample_every == 0 and accelerator.is_main_process:
             tracking.log_images(_samples(model, train), folder=f"samples/step-{done:06d}")
         if done % cfg.checkpoint_every == 0 or done == stop_after:
-            _save_checkpoint(accelerator, ckpt_root, done, _config_hash(params), ema)
+            training.save_checkpoint(accelerator, ckpt_root, done, config_hash, ema)
         if done == stop_after:
             raise BlipDiffError(f"stopped after step {done} ({STOP_AFTER_ENV}); resume with --resume latest")
     seconds = time.perf_counter() - t0
@@ -318,7 +296,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
             "seconds_per_step": round(seconds / max(steps_run, 1), 4),
             "samples_per_s": round(steps_run * cfg.batch_size * cfg.gradient_accumulation_steps
                                    * accelerator.num_processes / max(seconds, 1e-9), 3),
-            "peak_memory_mb": round(_peak_memory_mb(), 1),
+            "peak_memory_mb": round(training.peak_memory_mb(), 1),
             "processes": accelerator.num_processes,
             "train_pairs": len(train),
         }
@@ -342,44 +320,3 @@ def _samples(model, data: PairData) -> dict[str, np.ndarray]:
                                    height=model.native_size, width=model.native_size)
             out[subject] = (image[0] * 255).round().astype(np.uint8)
     return out
-
-
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _save_checkpoint(accelerator, ckpt_root: Path, step: int, config_hash: str, ema) -> None:
-    accelerator.wait_for_everyone()
-    target = ckpt_root / f"step-{step:06d}"
-    accelerator.save_state(str(target))
-    if accelerator.is_main_process:
-        if ema is not None:
-            torch.save(ema.state_dict(), target / "ema.pt")
-        (target / "training_state.json").write_text(json.dumps({"step": step, "config_hash": config_hash}) + "\n")
-        for old in sorted(ckpt_root.glob("step-*"))[:-2]:  # keep the two newest
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _load_checkpoint(accelerator, ckpt_root: Path, resume: str, config_hash: str, ema) -> int:
-    if resume == "latest":
-        found = sorted(p for p in ckpt_root.glob("step-*") if (p / "training_state.json").is_file())
-        if not found:
-            raise BlipDiffError(f"--resume latest: no checkpoint in {ckpt_root}")
-        path = found[-1]
-    else:
-        path = Path(resume)
-    state_file = path / "training_state.json"
-    if not state_file.is_file():
-        raise BlipDiffError(f"{path}: not a train_subject checkpoint (no training_state.json)")
-    state = json.loads(state_file.read_text())
-    if state["config_hash"] != config_hash:
-        raise BlipDiffError(f"{path}: checkpoint was made with other train_subject/preset params "
-                            f"({state['config_hash']} != {config_hash}); start fresh without --resume")
-    accelerator.load_state(str(path))
-    if ema is not None and (path / "ema.pt").is_file():
-        ema.load_state_dict(torch.load(path / "ema.pt"))
-    log.info("resumed from %s at step %d", path, state["step"])
-    return int(state["step"])

@@ -48,6 +48,7 @@ def checkout(tmp_path):
             shutil.copy2(REPO / rel, work / rel)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["ingest"]["synthetic"].update(num_subjects=3, min_views=4, max_views=4, image_size=64)
+    params["pretrain_qformer"].update(steps=3, batch_size=4, log_every=1)
     params["train_subject"].update(steps=3, batch_size=2, resolution=16, log_every=1, id_draws=1)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}

@@ -24,21 +24,22 @@ def test_flow_runs_stages_in_order_under_one_parent_run(checkout, tmp_path):
     work, env = checkout
     env = {**env, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true"}
     result, logs = _flow(work, env)
-    assert result == "{'ingest': 'ran', 'context': 'ran', 'train_subject': 'ran'}"
+    assert result == "{'ingest': 'ran', 'context': 'ran', 'pretrain_qformer': 'ran', 'train_subject': 'ran'}"
     assert "Task run 'dvc repro context'" in logs and "wrote 24 pairs" in logs
 
     client = mlflow.tracking.MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"pipeline", "ingest", "context", "train_subject"}
+    assert set(runs) == {"pipeline", "ingest", "context", "pretrain_qformer", "train_subject"}
     parent_id = runs["pipeline"].info.run_id
-    for stage in ("ingest", "context", "train_subject"):
+    for stage in ("ingest", "context", "pretrain_qformer", "train_subject"):
         assert runs[stage].data.tags["mlflow.parentRunId"] == parent_id
 
     # second run: DVC finds nothing stale, no new stage run in MLflow
     result, _ = _flow(work, env)
-    assert result == "{'ingest': 'up to date', 'context': 'up to date', 'train_subject': 'up to date'}"
-    assert len(client.search_runs([exp.experiment_id])) == 5  # one more parent, no stage runs
+    assert result == ("{'ingest': 'up to date', 'context': 'up to date', 'pretrain_qformer': 'up to date', "
+                      "'train_subject': 'up to date'}")
+    assert len(client.search_runs([exp.experiment_id])) == 6  # one more parent, no stage runs
 
 
 def _free_port() -> int:

@@ -21,7 +21,7 @@ SMALL = {
 
 def _params(**train) -> Params:
     base = {"steps": 4, "batch_size": 2, "resolution": 16, "warmup_steps": 1, "log_every": 1,
-            "checkpoint_every": 2, "id_draws": 2}
+            "checkpoint_every": 2, "id_draws": 2, "qformer": None}
     return Params(**SMALL, train_subject={**base, **train})
 
 
@@ -67,6 +67,41 @@ def test_resumed_run_ends_with_the_same_weights(pairs_root, tmp_path, monkeypatc
         train_subject.run(_params(learning_rate=1e-3), b, resume="latest")
 
 
+def test_ema_and_gradient_checkpointing(pairs_root, tmp_path, monkeypatch):
+    """Gradient checkpointing changes memory, not the result; the EMA weights are what is
+    saved (between the start and the raw trained weights) and survive a resume."""
+    import torch
+
+    from components.blip_diffusion import build_tiny
+
+    plain = _copy(pairs_root, tmp_path / "plain")
+    train_subject.run(_params(), plain)
+    ckpt = _copy(pairs_root, tmp_path / "ckpt")
+    train_subject.run(_params(gradient_checkpointing=True), ckpt)
+    wp, wc = _weights(plain), _weights(ckpt)
+    for part in wp:
+        for key in wp[part]:
+            torch.testing.assert_close(wc[part][key], wp[part][key], atol=1e-5, rtol=1e-4)
+
+    ema = _copy(pairs_root, tmp_path / "ema")
+    train_subject.run(_params(ema_decay=0.9), ema)
+    init = build_tiny(0).unet.state_dict()
+    we = _weights(ema)["unet"]
+
+    def distance(w):
+        return sum((w[k] - init[k]).pow(2).sum().item() for k in init) ** 0.5
+
+    assert 0 < distance(we) < distance(wp["unet"])
+    resumed = _copy(pairs_root, tmp_path / "ema-resumed")
+    monkeypatch.setenv(train_subject.STOP_AFTER_ENV, "2")
+    with pytest.raises(BlipDiffError, match="stopped after step 2"):
+        train_subject.run(_params(ema_decay=0.9), resumed)
+    monkeypatch.delenv(train_subject.STOP_AFTER_ENV)
+    train_subject.run(_params(ema_decay=0.9), resumed, resume="latest")
+    wr = _weights(resumed)["unet"]
+    assert all(torch.equal(wr[k], we[k]) for k in we)
+
+
 def test_overfit_fixed_batch_loss_falls(pairs_root, tmp_path):
     root = _copy(pairs_root, tmp_path / "r")
     metrics, _ = train_subject.run(_params(steps=60, learning_rate=1e-3, checkpoint_every=1000), root)
@@ -96,7 +131,7 @@ def test_two_cpu_processes_with_accelerate_launch(pairs_root, tmp_path):
     from tests.conftest import REPO
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["train_subject"].update(steps=2, batch_size=2, resolution=16, log_every=1, id_draws=1)
+    raw["train_subject"].update(steps=2, batch_size=2, resolution=16, log_every=1, id_draws=1, qformer=None)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # On a machine without GPUs, --multi_gpu starts torch.distributed processes that
@@ -123,7 +158,7 @@ def test_cli_stage_registers_the_model(pairs_root, tmp_path, monkeypatch):
 
     root = _copy(pairs_root, tmp_path / "cli")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["train_subject"].update(steps=2, batch_size=2, resolution=16, log_every=1, id_draws=1)
+    raw["train_subject"].update(steps=2, batch_size=2, resolution=16, log_every=1, id_draws=1, qformer=None)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(root)
     assert main(["train_subject"]) == 0

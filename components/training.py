@@ -1,0 +1,105 @@
+"""What the training stages share: accelerate set-up, per-step random draws, resumable
+checkpoints, peak memory.
+
+Every training stage runs under accelerate (`accelerate launch ... -m components.cli
+<stage>` for several processes). Each micro-batch draws its data, noise and timesteps
+from a generator seeded by (seed, step, micro-batch, process), so a run resumed from a
+checkpoint ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+from pathlib import Path
+
+import torch
+
+from components.errors import BlipDiffError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_ROOT = Path("models/.checkpoints")
+STOP_AFTER_ENV = "BLIPDIFF_STOP_AFTER_STEP"  # tests: end the run after this step, as a kill would
+
+
+def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
+    """The generator of one micro-batch: a function of its position in the run only."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 101 + micro) * 1009 + rank)
+
+
+def mixed_precision(value: str, section: str) -> str:
+    """`auto` -> fp16 on a GPU, no on the CPU; fp16/bf16 asked for without a GPU is an error."""
+    if value != "auto":
+        if value != "no" and not torch.cuda.is_available():
+            raise BlipDiffError(f"{section}.mixed_precision={value} needs a GPU; use auto or no")
+        return value
+    return "fp16" if torch.cuda.is_available() else "no"
+
+
+def make_accelerator(gradient_accumulation_steps: int, precision: str, section: str):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=mixed_precision(precision, section), cpu=not torch.cuda.is_available(),
+        # Dropped subject prompts leave some parameters without a gradient in a step.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def stop_after_step() -> int | None:
+    return int(os.environ.get(STOP_AFTER_ENV, "0")) or None
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def save_checkpoint(accelerator, ckpt_root: Path, step: int, config_hash: str, ema=None) -> None:
+    """accelerate's save_state plus the step and a hash of the params; keeps the two newest."""
+    accelerator.wait_for_everyone()
+    target = ckpt_root / f"step-{step:06d}"
+    accelerator.save_state(str(target))
+    if accelerator.is_main_process:
+        if ema is not None:
+            torch.save(ema.state_dict(), target / "ema.pt")
+        (target / "training_state.json").write_text(json.dumps({"step": step, "config_hash": config_hash}) + "\n")
+        for old in sorted(ckpt_root.glob("step-*"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, ckpt_root: Path, resume: str, config_hash: str, stage: str, ema=None) -> int:
+    """Restore `resume` ("latest" or a folder); refuse one made with other params. Returns its step."""
+    if resume == "latest":
+        found = sorted(p for p in ckpt_root.glob("step-*") if (p / "training_state.json").is_file())
+        if not found:
+            raise BlipDiffError(f"--resume latest: no checkpoint in {ckpt_root}")
+        path = found[-1]
+    else:
+        path = Path(resume)
+    state_file = path / "training_state.json"
+    if not state_file.is_file():
+        raise BlipDiffError(f"{path}: not a {stage} checkpoint (no training_state.json)")
+    state = json.loads(state_file.read_text())
+    if state["config_hash"] != config_hash:
+        raise BlipDiffError(f"{path}: checkpoint was made with other {stage}/preset params "
+                            f"({state['config_hash']} != {config_hash}); start fresh without --resume")
+    accelerator.load_state(str(path))
+    if ema is not None and (path / "ema.pt").is_file():
+        ema.load_state_dict(torch.load(path / "ema.pt"))
+    log.info("resumed from %s at step %d", path, state["step"])
+    return int(state["step"])
+
+
+def config_hash(params, section: str) -> str:
+    from components.tracking import params_hash
+
+    return params_hash({"preset": params.preset, section: getattr(params, section).model_dump()})
