@@ -283,6 +283,9 @@ def load_qformer(folder: Path, like):
     return qformer, _load_qformer_tokenizer(folder)
 
 
+@training.explain_out_of_memory(
+    "pretrain_qformer", "lower pretrain_qformer.batch_size (gradient_accumulation_steps keeps the effective "
+    "batch, though ITC and ITM then see fewer in-batch negatives)")
 def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     from diffusers.optimization import get_cosine_schedule_with_warmup
 

@@ -183,6 +183,9 @@ def identification_accuracy(model, train: PairData, held_out: PairData, cfg: Tra
 
 
 # ---------------------------------------------------------------------------- stage
+@training.explain_out_of_memory(
+    "train_subject", "lower train_subject.batch_size or resolution (gradient_accumulation_steps keeps the "
+    "effective batch), or set gradient_checkpointing: true")
 def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_constant_schedule_with_warmup

@@ -9,12 +9,14 @@ checkpoint ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import resource
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -50,6 +52,33 @@ def make_accelerator(gradient_accumulation_steps: int, precision: str, section: 
         # Dropped subject prompts leave some parameters without a gradient in a step.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def explain_out_of_memory(stage: str, hint: str) -> Callable:
+    """Decorator: an allocation failure in a stage becomes one clear error naming what to
+    lower. Outputs are written atomically at the end, so nothing is left half-written."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (RuntimeError, MemoryError) as exc:
+                if not _is_out_of_memory(exc):
+                    raise
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise BlipDiffError(f"{stage}: out of memory ({first[:160]}); {hint}") from None
+
+        return run
+
+    return wrap
 
 
 def stop_after_step() -> int | None:

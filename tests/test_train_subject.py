@@ -131,20 +131,24 @@ def test_two_cpu_processes_with_accelerate_launch(pairs_root, tmp_path):
     from tests.conftest import REPO
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["train_subject"].update(steps=2, batch_size=2, resolution=16, log_every=1, id_draws=1, qformer=None)
+    raw["pretrain_qformer"].update(steps=2, batch_size=4, log_every=1)
+    raw["train_subject"].update(steps=2, batch_size=2, resolution=16, log_every=1, id_draws=1)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # On a machine without GPUs, --multi_gpu starts torch.distributed processes that
     # accelerate runs as MULTI_CPU (gloo); --cpu alone would start a single process.
     from tests.test_flow import _free_port
 
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           "--main_process_port", str(_free_port()), "-m", "components.cli", "train_subject"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    metrics = json.loads((root / "metrics/train_subject.json").read_text())
-    assert metrics["processes"] == 2
+    for stage in ("pretrain_qformer", "train_subject"):  # stage 2 starts from stage 1's Q-Former
+        proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                               "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
+                               "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+                               "-m", "components.cli", stage],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        metrics = json.loads((root / f"metrics/{stage}.json").read_text())
+        assert metrics["processes"] == 2
+    assert (root / "models/qformer/model.safetensors").is_file()
     assert (root / train_subject.MODEL_DIR / "unet").is_dir()
 
 
@@ -176,3 +180,37 @@ def test_cli_stage_registers_the_model(pairs_root, tmp_path, monkeypatch):
                                           "source_subject": "toy", "prompt": "on a beach"}]),
                            params={"num_inference_steps": 2})
     assert len(images) == 1 and images[0].shape == (64, 64, 3) and np.isfinite(images[0]).all()
+
+
+@pytest.mark.slow
+def test_identifies_held_out_subjects_far_above_chance(tmp_path):
+    """The paper's claim in miniature, on the default pipeline (stage 1, then stage 2 with
+    params.yaml's defaults): 8 synthetic subjects, 3 held-out views each (24 images, chance
+    1/8). Bound: >= 3x chance, i.e. at least 9 of 24 identified; a random guesser gets that
+    with probability ~0.17% (binomial, p = 1/8). The measured value is in the metrics."""
+    from components import pretrain_qformer
+
+    params = Params(ingest={"test_views_per_subject": 3,
+                            "synthetic": {"num_subjects": 8, "min_views": 8, "max_views": 8}},
+                    train_subject={"id_draws": 16, "log_every": 250, "checkpoint_every": 10_000},
+                    pretrain_qformer={"log_every": 100, "checkpoint_every": 10_000})
+    ingest.run(params.ingest, tmp_path)
+    context.run(params, tmp_path)
+    pretrain_qformer.run(params, tmp_path)
+    metrics, _ = train_subject.run(params, tmp_path)
+    assert metrics["id_images"] == 24 and metrics["id_chance"] == 1 / 8
+    assert metrics["id_accuracy"] >= 3 * metrics["id_chance"], metrics
+
+
+def test_out_of_memory_is_one_clear_error_and_writes_nothing(pairs_root, tmp_path, monkeypatch):
+    import torch
+
+    def allocate_too_much(*args, **kwargs):
+        return torch.empty(2**60)  # the CPU allocator refuses at once
+
+    root = _copy(pairs_root, tmp_path / "oom")
+    monkeypatch.setattr(train_subject.Stage2, "forward", allocate_too_much)
+    with pytest.raises(BlipDiffError, match=r"train_subject: out of memory \(.*allocate.*\); lower "
+                                            r"train_subject.batch_size"):
+        train_subject.run(_params(), root)
+    assert not (root / train_subject.MODEL_DIR).exists()
