@@ -29,7 +29,6 @@ held-out (split "test") images, against the chance of picking the caption at ran
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -289,7 +288,6 @@ def load_qformer(folder: Path, like):
 def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
-    from components import tracking
     from components.blip_diffusion import from_preset
     from components.io import atomic_path
 
@@ -328,42 +326,19 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
     ckpt_root = root / CHECKPOINT_DIR
     config_hash = training.config_hash(params, "pretrain_qformer")
     start = training.load_checkpoint(accelerator, ckpt_root, resume, config_hash, "pretrain_qformer") if resume else 0
-    stop_after = training.stop_after_step()
 
     fixed_start = fixed_batch_losses(plain, train, cfg)
     r1_start = retrieval(plain, held_out, everything)["itc_r1"] if held_out and not start else None
-    history: list[dict[str, float]] = []
-    t0 = time.perf_counter()
-    for step in range(start, cfg.steps):
-        for micro in range(cfg.gradient_accumulation_steps):
-            pixels, texts, g = draw(cfg, train, step, micro, accelerator.process_index)
-            with accelerator.accumulate(stage1):
-                losses = stage1(pixels, texts, train, cfg, g)
-                if not torch.isfinite(losses["loss"]):
-                    raise BlipDiffError(f"pretrain_qformer: loss is {losses['loss'].item()} at step {step}; "
-                                        "lower pretrain_qformer.learning_rate")
-                accelerator.backward(losses["loss"])
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
-                lr_schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-        history.append({k: accelerator.gather(v.detach()[None]).mean().item() for k, v in losses.items()})
-        done = step + 1
-        if done % cfg.log_every == 0 and accelerator.is_main_process:
-            rate = (done - start) * cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes / (
-                time.perf_counter() - t0)
-            recent = {k: float(np.mean([h[k] for h in history[-cfg.log_every:]])) for k in history[-1]}
-            tracking.log_step({**recent, "temp": plain.temp.item(), "lr": lr_schedule.get_last_lr()[0],
-                               "samples_per_s": rate}, step=done)
-            log.info("step %d/%d %s (%.1f samples/s)", done, cfg.steps,
-                     " ".join(f"{k} {v:.3f}" for k, v in recent.items()), rate)
-        if done % cfg.checkpoint_every == 0 or done == stop_after:
-            training.save_checkpoint(accelerator, ckpt_root, done, config_hash)
-        if done == stop_after:
-            raise BlipDiffError(f"stopped after step {done} ({training.STOP_AFTER_ENV}); "
-                                "resume with --resume latest")
-    seconds = time.perf_counter() - t0
+
+    def loss_fn(step: int, micro: int) -> dict[str, torch.Tensor]:
+        pixels, texts, g = draw(cfg, train, step, micro, accelerator.process_index)
+        return stage1(pixels, texts, train, cfg, g)
+
+    _, seconds = training.train_loop(
+        accelerator, stage1, optimizer, lr_schedule, trainable, cfg, stage="pretrain_qformer", start=start,
+        ckpt_root=ckpt_root, config_hash=config_hash, loss_fn=loss_fn,
+        log_extra=lambda: {"temp": plain.temp.item()})
+    stage1 = None  # the DDP wrapper goes before the process group (training.finish)
 
     metrics: dict = {}
     if accelerator.is_main_process:
@@ -394,5 +369,5 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
             if r1_start is not None:
                 metrics["itc_r1_start"] = r1_start
         log.info("wrote %s; %s", MODEL_DIR, {k: v for k, v in metrics.items() if k.startswith(("itc", "fixed"))})
-    accelerator.end_training()
+    training.finish(accelerator)
     return metrics, {}

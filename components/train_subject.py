@@ -16,7 +16,6 @@ the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -244,45 +243,27 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
     start = 0
     if resume:
         start = training.load_checkpoint(accelerator, ckpt_root, resume, config_hash, "train_subject", ema)
-    stop_after = training.stop_after_step()
 
-    fixed_start = fixed_batch_loss(accelerator.unwrap_model(stage2), train, cfg, noise_scheduler)
-    losses, t0 = [], time.perf_counter()
+    plain = accelerator.unwrap_model(stage2)
+    fixed_start = fixed_batch_loss(plain, train, cfg, noise_scheduler)
     latent_shape = tuple(train.latents.shape[1:])
-    for step in range(start, cfg.steps):
-        for micro in range(cfg.gradient_accumulation_steps):
-            idx, drop, noise, t = _draw(cfg, step, micro, accelerator.process_index, len(train), latent_shape,
-                                        noise_scheduler.config.num_train_timesteps)
-            with accelerator.accumulate(stage2):
-                loss = stage2(train, idx, drop, noise, t, noise_scheduler)
-                if not torch.isfinite(loss):
-                    raise BlipDiffError(f"train_subject: loss is {loss.item()} at step {step}; "
-                                        "lower train_subject.learning_rate")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
-                lr_schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(trainable)
-        losses.append(accelerator.gather(loss.detach()[None]).mean().item())
-        done = step + 1
-        if done % cfg.log_every == 0 and accelerator.is_main_process:
-            rate = (done - start) * cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes / (
-                time.perf_counter() - t0)
-            tracking.log_step({"loss": float(np.mean(losses[-cfg.log_every:])), "lr": lr_schedule.get_last_lr()[0],
-                               "samples_per_s": rate}, step=done)
-            log.info("step %d/%d loss %.4f (%.1f samples/s)", done, cfg.steps, np.mean(losses[-cfg.log_every:]), rate)
+
+    def loss_fn(step: int, micro: int) -> dict[str, torch.Tensor]:
+        idx, drop, noise, t = _draw(cfg, step, micro, accelerator.process_index, len(train), latent_shape,
+                                    noise_scheduler.config.num_train_timesteps)
+        return {"loss": stage2(train, idx, drop, noise, t, noise_scheduler)}
+
+    def sample(done: int) -> None:
         if cfg.sample_every and done % cfg.sample_every == 0 and accelerator.is_main_process:
             tracking.log_images(_samples(model, train), folder=f"samples/step-{done:06d}")
-        if done % cfg.checkpoint_every == 0 or done == stop_after:
-            training.save_checkpoint(accelerator, ckpt_root, done, config_hash, ema)
-        if done == stop_after:
-            raise BlipDiffError(f"stopped after step {done} ({STOP_AFTER_ENV}); resume with --resume latest")
-    seconds = time.perf_counter() - t0
 
-    stage2.eval()
+    history, seconds = training.train_loop(
+        accelerator, stage2, optimizer, lr_schedule, trainable, cfg, stage="train_subject", start=start,
+        ckpt_root=ckpt_root, config_hash=config_hash, loss_fn=loss_fn, ema=ema, after_step=sample)
+    losses = [h["loss"] for h in history]
+
+    stage2 = None  # the DDP wrapper goes before the process group (training.finish)
+    plain.eval()
     if ema is not None:
         ema.copy_to(trainable)
     metrics: dict = {}
@@ -292,7 +273,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
         steps_run = cfg.steps - start
         metrics = {
             "fixed_batch_loss_start": fixed_start,
-            "fixed_batch_loss_end": fixed_batch_loss(accelerator.unwrap_model(stage2), train, cfg, noise_scheduler),
+            "fixed_batch_loss_end": fixed_batch_loss(plain, train, cfg, noise_scheduler),
             "loss_first": losses[0] if losses else float("nan"),
             "loss_last_mean": float(np.mean(losses[-cfg.log_every:])) if losses else float("nan"),
             "seconds_training": round(seconds, 3),
@@ -307,7 +288,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
             metrics.update(identification_accuracy(model, train, held_out, cfg))
         samples = _samples(model, train)
         log.info("wrote %s; %s", MODEL_DIR, {k: metrics[k] for k in metrics if k.startswith(("id_", "loss"))})
-    accelerator.end_training()
+    training.finish(accelerator)
     return metrics, samples
 
 

@@ -10,14 +10,17 @@ checkpoint ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import os
 import resource
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from components.errors import BlipDiffError
@@ -81,6 +84,21 @@ def explain_out_of_memory(stage: str, hint: str) -> Callable:
     return wrap
 
 
+def finish(accelerator) -> None:
+    """End a (possibly multi-process) run. Call it after dropping every reference to the
+    prepared (DDP-wrapped) module.
+
+    The DDP reducer must be freed while the process group is still registered: if it held
+    the group's last reference, the gloo group would be destroyed in the reducer's
+    destructor with the GIL held, while a gloo worker thread waits for the GIL to free a
+    finished collective's tensors: a deadlock seen as a rank that never exits (torch 2.13).
+    """
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
+
+
 def stop_after_step() -> int | None:
     return int(os.environ.get(STOP_AFTER_ENV, "0")) or None
 
@@ -132,3 +150,53 @@ def config_hash(params, section: str) -> str:
     from components.tracking import params_hash
 
     return params_hash({"preset": params.preset, section: getattr(params, section).model_dump()})
+
+
+def train_loop(accelerator, module, optimizer, lr_schedule, trainable: list, cfg, *, stage: str, start: int,
+               ckpt_root: Path, config_hash: str, loss_fn: Callable, ema=None,
+               log_extra: Callable[[], dict] | None = None,
+               after_step: Callable[[int], None] | None = None) -> tuple[list[dict[str, float]], float]:
+    """Steps `start`..`cfg.steps` of a stage: accumulate, clip, step; EMA; log; checkpoint.
+
+    `loss_fn(step, micro)` returns a dict of scalar losses whose "loss" is optimised.
+    Every `log_every` steps the mean of each loss over those steps, the learning rate,
+    samples/s and `log_extra()` go to MLflow against the step. Returns each step's losses
+    (averaged over processes) and the seconds spent.
+    """
+    from components import tracking
+
+    stop_after = stop_after_step()
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    for step in range(start, cfg.steps):
+        for micro in range(cfg.gradient_accumulation_steps):
+            with accelerator.accumulate(module):
+                losses = loss_fn(step, micro)
+                if not torch.isfinite(losses["loss"]):
+                    raise BlipDiffError(f"{stage}: loss is {losses['loss'].item()} at step {step}; "
+                                        f"lower {stage}.learning_rate")
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(trainable)
+        history.append({k: accelerator.gather(v.detach()[None]).mean().item() for k, v in losses.items()})
+        done = step + 1
+        if done % cfg.log_every == 0 and accelerator.is_main_process:
+            rate = (done - start) * per_step / (time.perf_counter() - t0)
+            recent = {k: float(np.mean([h[k] for h in history[-cfg.log_every:]])) for k in history[-1]}
+            tracking.log_step({**recent, **(log_extra() if log_extra else {}), "lr": lr_schedule.get_last_lr()[0],
+                               "samples_per_s": rate}, step=done)
+            log.info("step %d/%d %s (%.1f samples/s)", done, cfg.steps,
+                     " ".join(f"{k} {v:.4f}" for k, v in recent.items()), rate)
+        if after_step is not None:
+            after_step(done)
+        if done % cfg.checkpoint_every == 0 or done == stop_after:
+            save_checkpoint(accelerator, ckpt_root, done, config_hash, ema)
+        if done == stop_after:
+            raise BlipDiffError(f"stopped after step {done} ({STOP_AFTER_ENV}); resume with --resume latest")
+    return history, time.perf_counter() - t0

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -140,12 +141,19 @@ def test_two_cpu_processes_with_accelerate_launch(pairs_root, tmp_path):
     from tests.test_flow import _free_port
 
     for stage in ("pretrain_qformer", "train_subject"):  # stage 2 starts from stage 1's Q-Former
-        proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
-                               "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
-                               "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-                               "-m", "components.cli", stage],
-                              cwd=root, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        # Own session, so that a hang kills every rank, not only the launcher.
+        proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                                 "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
+                                 "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+                                 "-m", "components.cli", stage], cwd=root, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            pytest.fail(f"{stage} with 2 processes hung:\n{out[-3000:]}")
+        assert proc.returncode == 0, out[-3000:]
         metrics = json.loads((root / f"metrics/{stage}.json").read_text())
         assert metrics["processes"] == 2
     assert (root / "models/qformer/model.safetensors").is_file()
