@@ -68,12 +68,22 @@ class CaptionData:
         self.row_texts = [[self.texts.index(t) for t in texts] for texts in per_row]
         images = [read_listed_rgb(root, p, SUBJECTS_MANIFEST, "ingest") for p in frame["image_path"]]
         self.pixels = image_processor(images)
-        tok = tokenizer(self.texts, padding="max_length", truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        self.ids, self.mask = tok.input_ids, tok.attention_mask
+        self.ids, self.mask = tokenize(tokenizer, self.texts, max_length)
 
     def __len__(self) -> int:
         return len(self.pixels)
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tok = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return tok.input_ids, tok.attention_mask
+
+
+def candidate_captions(frame, tokenizer, max_length: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """The retrieval candidates: each image's first text (its caption, or "a photo of a
+    [class]"), once each, tokenized. Texts only: no image is read for them."""
+    captions = list(dict.fromkeys(row_captions(c, k)[0] for c, k in zip(frame["caption"], frame["class_name"])))
+    return (captions, *tokenize(tokenizer, captions, max_length))
 
 
 def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -233,20 +243,18 @@ def _draw_negatives(weights: torch.Tensor, generator: torch.Generator) -> torch.
 
 # ------------------------------------------------------------------- learning check
 @torch.no_grad()
-def retrieval(stage1: Stage1, images: CaptionData, candidates: CaptionData) -> dict:
-    """Image-to-text R@1 by ITC: each held-out image ranks the captions of every image in
-    `candidates` (each image's first text: its caption, or "a photo of a [class]"); the top
-    one must be its own. Chance: one over the number of distinct captions."""
+def retrieval(stage1: Stage1, images: CaptionData,
+              candidates: tuple[list[str], torch.Tensor, torch.Tensor]) -> dict:
+    """Image-to-text R@1 by ITC: each held-out image ranks the `candidates` (see
+    `candidate_captions`); the top one must be its own. Chance: one over their number."""
     was_training = stage1.training
     stage1.eval()
     device = stage1.temp.device
-    caption_idx = list(dict.fromkeys(texts[0] for texts in candidates.row_texts))
-    ids, mask = candidates.ids[caption_idx], candidates.mask[caption_idx]
+    captions, ids, mask = candidates
     text_feats = torch.cat([stage1.text_features(i.to(device), m.to(device))
                             for i, m in zip(ids.split(64), mask.split(64))])
     image_feats = torch.cat([stage1.image_features(stage1.image_embeds(p)) for p in images.pixels.split(64)])
     best = stage1.similarity(image_feats, text_feats).argmax(1).cpu()
-    captions = [candidates.texts[i] for i in caption_idx]
     truth = torch.tensor([captions.index(images.texts[texts[0]]) for texts in images.row_texts])
     stage1.train(was_training)
     r1 = (best == truth).float().mean().item()
@@ -306,7 +314,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
     if len(train.texts) < 2:
         raise BlipDiffError(f"{SUBJECTS_MANIFEST}: every training image has the same caption "
                             f"({train.texts[0]!r}); ITC and ITM need at least two different ones")
-    everything = CaptionData(frame, root, model.image_processor, tokenizer, max_length)
+    candidates = candidate_captions(frame, tokenizer, max_length)
     held_out = CaptionData(held_frame, root, model.image_processor, tokenizer, max_length) if len(held_frame) else None
     log.info("%d training images with %d distinct captions, %d held out; %d process(es) on %s",
              len(train), len(train.texts), len(held_frame), accelerator.num_processes, accelerator.device)
@@ -328,7 +336,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
     start = training.load_checkpoint(accelerator, ckpt_root, resume, config_hash, "pretrain_qformer") if resume else 0
 
     fixed_start = fixed_batch_losses(plain, train, cfg)
-    r1_start = retrieval(plain, held_out, everything)["itc_r1"] if held_out and not start else None
+    r1_start = retrieval(plain, held_out, candidates)["itc_r1"] if held_out and not start else None
 
     def loss_fn(step: int, micro: int) -> dict[str, torch.Tensor]:
         pixels, texts, g = draw(cfg, train, step, micro, accelerator.process_index)
@@ -365,7 +373,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
             "train_images": len(train),
         }
         if held_out is not None:
-            metrics.update(retrieval(plain, held_out, everything))
+            metrics.update(retrieval(plain, held_out, candidates))
             if r1_start is not None:
                 metrics["itc_r1_start"] = r1_start
         log.info("wrote %s; %s", MODEL_DIR, {k: v for k, v in metrics.items() if k.startswith(("itc", "fixed"))})
