@@ -17,9 +17,10 @@ import time
 import numpy as np
 from pymatting import estimate_alpha_cf
 
-from components import matting, synthetic
-from components.backgrounds import procedural_background
-from components.clipseg import ClipSeg
+from components.context import matting
+from components.context.clipseg import ClipSeg
+from components.data import synthetic
+from components.data.backgrounds import procedural_background
 
 
 def timed(fn, *args, repeat=1, **kwargs):

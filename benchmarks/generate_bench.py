@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from components.blip_diffusion import build_full_size, build_tiny
+from components.model.full_size import build_full_size
+from components.model.tiny.blip_diffusion import build_tiny
 
 PROMPTS = ["in the jungle", "in the snow", "on the beach", "on a cobblestone street",
            "on top of pink fabric", "on top of a wooden floor", "with a city in the background",

@@ -29,20 +29,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _peak_mb() -> float:
-    from components.training import peak_memory_mb
+    from components.training.loop import peak_memory_mb
 
     return peak_memory_mb()
 
 
 # ------------------------------------------------------------------- child processes
 def child_stage(stage: str, root: Path, steps: int) -> dict:
-    from components.config import load_params
+    from components.core.config import load_params
 
     os.chdir(root)
     if stage == "pretrain_qformer":
-        from components import pretrain_qformer as module
+        from components.stages import pretrain_qformer as module
     else:
-        from components import train_subject as module
+        from components.stages import train_subject as module
     params = load_params(root / "params.yaml", [f"{stage}.steps={steps}", f"{stage}.checkpoint_every={steps + 1}",
                                                 f"{stage}.log_every={steps}"])
     metrics, _ = module.run(params, root)
@@ -52,12 +52,13 @@ def child_stage(stage: str, root: Path, steps: int) -> dict:
 
 
 def child_finetune(root: Path, steps: int, lora_rank: int) -> dict:
-    from components.blip_diffusion import build_tiny
-    from components.finetune import FinetuneConfig, finetune
-    from components.images import read_rgb
-    from components.io import SUBJECTS_SCHEMA, read_manifest
+    from components.core import paths
+    from components.data.images import read_rgb
+    from components.data.manifests import SUBJECTS_SCHEMA, read_manifest
+    from components.model.tiny.blip_diffusion import build_tiny
+    from components.training.finetune import FinetuneConfig, finetune
 
-    frame = read_manifest(root / "data/subjects.parquet", SUBJECTS_SCHEMA)
+    frame = read_manifest(root / paths.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
     rows = frame[frame["subject_id"] == frame["subject_id"].iloc[0]]
     images = [read_rgb(root / p) for p in rows["image_path"]][:3]
     cfg = FinetuneConfig(steps=steps, batch_size=3, lora_rank=lora_rank)
@@ -71,8 +72,8 @@ def child_full_size(optimizer_name: str, steps: int) -> dict:
     import torch
     from diffusers import DDPMScheduler
 
-    from components.blip_diffusion import build_full_size
-    from components.train_subject import Stage2
+    from components.model.full_size import build_full_size
+    from components.stages.train_subject import Stage2
 
     torch.manual_seed(0)
     t0 = time.perf_counter()

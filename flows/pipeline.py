@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from prefect import flow, get_run_logger, task
 
-from components import tracking
+from components.core import tracking
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,11 +1,17 @@
 import numpy as np
 import pytest
 
-from components import context, ingest
-from components.config import Params
-from components.errors import BlipDiffError
-from components.images import read_alpha, read_rgb
-from components.io import PAIRS_SCHEMA, SUBJECTS_SCHEMA, read_manifest, write_parquet
+from components.core import paths
+from components.core.config import Params
+from components.core.errors import BlipDiffError
+from components.data.images import read_alpha, read_rgb
+from components.data.manifests import (
+    PAIRS_SCHEMA,
+    SUBJECTS_SCHEMA,
+    read_manifest,
+    write_parquet,
+)
+from components.stages import context, ingest
 
 
 def _params(**context_kw) -> Params:
@@ -18,15 +24,15 @@ def _params(**context_kw) -> Params:
 @pytest.fixture
 def ingested(tmp_path):
     params = _params()
-    ingest.run(params.ingest, tmp_path)
+    ingest.ingest_subjects(params.ingest, tmp_path)
     return tmp_path
 
 
 def test_context_from_ground_truth(ingested):
     params = _params(mask_source="auto")
     metrics, samples = context.run(params, ingested)
-    pairs = read_manifest(ingested / context.PAIRS_MANIFEST, PAIRS_SCHEMA)
-    subjects = read_manifest(ingested / ingest.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
+    pairs = read_manifest(ingested / paths.PAIRS_MANIFEST, PAIRS_SCHEMA)
+    subjects = read_manifest(ingested / paths.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
     assert len(pairs) == 2 * len(subjects) == metrics["pairs_written"]
     assert set(pairs["mask_source"]) == {"ground_truth"} and metrics["ground_truth_trimaps"] == 12
     assert pairs["pair_id"].is_unique
@@ -51,11 +57,11 @@ def test_context_from_ground_truth(ingested):
 def test_context_with_tiny_clipseg_runs_and_is_deterministic(ingested):
     params = _params(mask_source="clipseg", erode=0)
     metrics, _ = context.run(params, ingested)
-    first = (ingested / context.PAIRS_MANIFEST).read_bytes()
-    files = sorted(p.read_bytes() for p in (ingested / context.CONTEXT_DIR).rglob("*.png"))
+    first = (ingested / paths.PAIRS_MANIFEST).read_bytes()
+    files = sorted(p.read_bytes() for p in (ingested / paths.CONTEXT_DIR).rglob("*.png"))
     metrics2, _ = context.run(params, ingested)
-    assert (ingested / context.PAIRS_MANIFEST).read_bytes() == first
-    assert sorted(p.read_bytes() for p in (ingested / context.CONTEXT_DIR).rglob("*.png")) == files
+    assert (ingested / paths.PAIRS_MANIFEST).read_bytes() == first
+    assert sorted(p.read_bytes() for p in (ingested / paths.CONTEXT_DIR).rglob("*.png")) == files
     assert metrics["clipseg_trimaps"] == 12
     assert metrics["pairs_written"] + 2 * metrics["images_skipped"] == 24
     assert "alpha_mse_mean" in metrics  # synthetic ground truth scores CLIPSeg's mattes too
@@ -80,14 +86,14 @@ class _FakeSeg:
 
 def _save(subjects, root):
     rows = subjects.astype(object).where(subjects.notna(), None).to_dict("records")
-    write_parquet(rows, root / ingest.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
+    write_parquet(rows, root / paths.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
 
 
 def test_degenerate_trimaps_are_counted_and_skipped(ingested, monkeypatch):
-    import components.clipseg
+    import components.context.clipseg
 
-    monkeypatch.setattr(components.clipseg, "ClipSeg", _FakeSeg)
-    subjects = read_manifest(ingested / ingest.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
+    monkeypatch.setattr(components.context.clipseg, "ClipSeg", _FakeSeg)
+    subjects = read_manifest(ingested / paths.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
     classes = list(subjects["class_name"])
     # make one subject's class 'ball' so its maps are flat
     subjects.loc[subjects.subject_id == subjects.subject_id.iloc[0], "class_name"] = "ball"
@@ -97,24 +103,24 @@ def test_degenerate_trimaps_are_counted_and_skipped(ingested, monkeypatch):
 
     metrics, _ = context.run(_params(mask_source="clipseg"), ingested)
     assert metrics["skipped_no_foreground"] == n_ball
-    pairs = read_manifest(ingested / context.PAIRS_MANIFEST, PAIRS_SCHEMA)
+    pairs = read_manifest(ingested / paths.PAIRS_MANIFEST, PAIRS_SCHEMA)
     assert "ball" not in set(pairs["subject_text"])
     assert len(pairs) == 2 * (len(subjects) - n_ball)
 
     # all degenerate: a clear error, and the previous outputs are left as they were
-    before = (ingested / context.PAIRS_MANIFEST).read_bytes()
+    before = (ingested / paths.PAIRS_MANIFEST).read_bytes()
     subjects["class_name"] = "ball"
     _save(subjects, ingested)
     with pytest.raises(BlipDiffError, match="every trimap was degenerate"):
         context.run(_params(mask_source="clipseg"), ingested)
-    assert (ingested / context.PAIRS_MANIFEST).read_bytes() == before
+    assert (ingested / paths.PAIRS_MANIFEST).read_bytes() == before
     assert not [p for p in (ingested / "data").iterdir() if p.name.startswith(".")]
 
 
 def test_bad_inputs(tmp_path, ingested):
     with pytest.raises(BlipDiffError, match="manifest not found"):
         context.run(_params(), tmp_path / "empty")
-    (ingested / "data/subjects/images").rename(ingested / "data/subjects/moved")
+    (ingested / paths.SUBJECTS_DIR / "images").rename(ingested / paths.SUBJECTS_DIR / "moved")
     with pytest.raises(BlipDiffError, match="is missing"):
         context.run(_params(), ingested)
 
@@ -127,7 +133,7 @@ def test_folder_backgrounds(ingested, tmp_path):
     Image.new("RGB", (100, 30), (0, 255, 0)).save(bg_dir / "green.png")
     params = _params(background_source="folder", background_dir=str(bg_dir), backgrounds_per_image=1)
     context.run(params, ingested)
-    pairs = read_manifest(ingested / context.PAIRS_MANIFEST, PAIRS_SCHEMA)
+    pairs = read_manifest(ingested / paths.PAIRS_MANIFEST, PAIRS_SCHEMA)
     assert set(pairs["background_id"]) == {"green.png"}
     row = pairs.iloc[0]
     composite = read_rgb(ingested / row.input_path)
@@ -142,9 +148,9 @@ def test_dreambench_ingest_and_context_end_to_end(tmp_path, dreambench_dir):
         ingest={"source": "dreambench", "dreambench": {"path": str(dreambench_dir)}},
         context={"mask_source": "auto", "backgrounds_per_image": 1, "matting_max_side": 64},
     )
-    ingest.run(params.ingest, tmp_path)
+    ingest.ingest_subjects(params.ingest, tmp_path)
     metrics, _ = context.run(params, tmp_path)
-    pairs = read_manifest(tmp_path / context.PAIRS_MANIFEST, PAIRS_SCHEMA)
+    pairs = read_manifest(tmp_path / paths.PAIRS_MANIFEST, PAIRS_SCHEMA)
     assert metrics["clipseg_trimaps"] == 158  # no ground truth for real photos
     assert metrics["pairs_written"] + metrics["images_skipped"] == 158 == len(pairs) + metrics["images_skipped"]
     assert pairs["subject_id"].nunique() >= 28

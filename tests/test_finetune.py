@@ -7,11 +7,12 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from components import finetune as ft
-from components import synthetic
-from components.blip_diffusion import build_tiny
 from components.cli import main
-from components.errors import BlipDiffError
+from components.core.errors import BlipDiffError
+from components.data import synthetic
+from components.model import finetuned
+from components.model.tiny.blip_diffusion import build_tiny
+from components.training import finetune as ft
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +57,12 @@ def test_lora_trains_adapters_only_and_round_trips(views, tmp_path):
         assert torch.equal(tuned[match], value), key
     ft.save(model, result, cfg, "toy", tmp_path / "lora")
     ft.save(build_tiny(seed=0), result, ft.FinetuneConfig(), "toy", tmp_path / "full")
-    lora_bytes = (tmp_path / "lora" / ft.LORA_FILE).stat().st_size
+    lora_bytes = (tmp_path / "lora" / finetuned.LORA_FILE).stat().st_size
     unet_bytes = sum(p.stat().st_size for p in (tmp_path / "full" / "unet").iterdir())
     assert lora_bytes < 0.1 * unet_bytes
 
     fresh = build_tiny(seed=0)
-    embeds, meta = ft.apply(fresh, tmp_path / "lora")
+    embeds, meta = finetuned.apply(fresh, tmp_path / "lora")
     assert meta["source_subject"] == "toy"
     kw = dict(num_inference_steps=2, height=32, width=32)
     ours = model.generate(result.subject_embeds.detach(), ["x"], "toy", [0], **kw)
@@ -90,4 +91,4 @@ def test_finetune_cli_then_generate(tmp_path, views, capsys):
                  "--steps", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err
     with pytest.raises(BlipDiffError, match="not a fine-tuned subject folder"):
-        ft.apply(build_tiny(seed=0), tmp_path)
+        finetuned.apply(build_tiny(seed=0), tmp_path)

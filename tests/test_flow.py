@@ -8,7 +8,7 @@ import sys
 import mlflow
 import pytest
 
-from components import tracking
+from components.core import paths, tracking
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ def test_prefect_deployment_run(checkout, tmp_path):
                               "--watch-timeout", "300"], env=env, capture_output=True, text=True, timeout=360)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "Completed" in run.stdout + run.stderr
-        assert (work / "data/pairs.parquet").is_file()
+        assert (work / paths.PAIRS_MANIFEST).is_file()
     finally:
         for proc in procs:
             for sig in (signal.SIGINT, signal.SIGKILL):  # serve ignores a plain SIGTERM

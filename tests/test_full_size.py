@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.blip_diffusion import build_full_size
-from components.qformer import convert_reference_state_dict
+from components.model.full_size import build_full_size
+from components.model.qformer import convert_reference_state_dict
 
 RELEASED = json.loads((Path(__file__).parent / "fixtures/released_keys.json").read_text())
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from components.blip_diffusion import load
+from components.model.layout import load
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components import images
-from components.images import SkipImage, load_image
+from components.data import images
+from components.data.images import SkipImage, load_image
 
 
 def _gradient(w=40, h=30) -> np.ndarray:

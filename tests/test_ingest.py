@@ -6,10 +6,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components import dreambench, ingest
-from components.config import IngestConfig
-from components.errors import BlipDiffError
-from components.io import SUBJECTS_SCHEMA, read_manifest
+from components.core import paths
+from components.core.config import IngestConfig
+from components.core.errors import BlipDiffError
+from components.data import dreambench
+from components.data.manifests import SUBJECTS_SCHEMA, read_manifest
+from components.stages import ingest
 
 
 def _write(path, seed, size=(48, 40)):
@@ -42,8 +44,8 @@ def user_folder(tmp_path):
 def test_folder_ingest_counts_every_skip(tmp_path, user_folder):
     root = tmp_path / "repo"
     root.mkdir()
-    metrics, _ = ingest.run(_folder_cfg(user_folder, max_skipped_fraction=0.5), root)
-    frame = read_manifest(root / ingest.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
+    metrics, _ = ingest.ingest_subjects(_folder_cfg(user_folder, max_skipped_fraction=0.5), root)
+    frame = read_manifest(root / paths.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
     assert metrics["files_found"] == 8
     assert metrics["images_written"] == 5 and len(frame) == 5
     assert metrics["skipped_duplicate"] == 1
@@ -67,9 +69,9 @@ def test_too_many_unreadable_files_fails_and_writes_nothing(tmp_path, user_folde
     root = tmp_path / "repo"
     root.mkdir()
     with pytest.raises(BlipDiffError, match=r"2 of 8 files unreadable .*max_skipped_fraction=0.1"):
-        ingest.run(_folder_cfg(user_folder, max_skipped_fraction=0.1), root)
-    assert not (root / ingest.SUBJECTS_MANIFEST).exists()
-    assert not (root / ingest.SUBJECTS_DIR).exists()
+        ingest.ingest_subjects(_folder_cfg(user_folder, max_skipped_fraction=0.1), root)
+    assert not (root / paths.SUBJECTS_MANIFEST).exists()
+    assert not (root / paths.SUBJECTS_DIR).exists()
     assert not any(p.name.startswith(".") for p in (root / "data").iterdir())  # no temp left
 
 
@@ -80,17 +82,17 @@ def test_classes_csv(tmp_path, user_folder):
     root.mkdir()
     cfg = IngestConfig(source="folder", max_skipped_fraction=0.5,
                        folder={"path": str(user_folder), "classes_csv": str(csv)})
-    ingest.run(cfg, root)
-    frame = read_manifest(root / ingest.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
+    ingest.ingest_subjects(cfg, root)
+    frame = read_manifest(root / paths.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
     assert set(frame.loc[frame.subject_id == "red_mug", "class_name"]) == {"mug"}
     pd.DataFrame({"subject": ["dog2"], "class": ["dog"]}).to_csv(csv, index=False)
     with pytest.raises(BlipDiffError, match="'empty_subject' has no class"):
-        ingest.run(cfg, root)
+        ingest.ingest_subjects(cfg, root)
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(BlipDiffError, match="subject folder not found"):
-        ingest.run(_folder_cfg(tmp_path / "nope"), tmp_path)
+        ingest.ingest_subjects(_folder_cfg(tmp_path / "nope"), tmp_path)
 
 
 def test_synthetic_ingest_is_deterministic_with_masks(tmp_path):
@@ -99,20 +101,20 @@ def test_synthetic_ingest_is_deterministic_with_masks(tmp_path):
     for name in ("a", "b"):
         root = tmp_path / name
         root.mkdir()
-        metrics, _ = ingest.run(cfg, root)
+        metrics, _ = ingest.ingest_subjects(cfg, root)
         outputs.append({p.relative_to(root).as_posix(): p.read_bytes()
                         for p in sorted(root.rglob("*")) if p.is_file()})
     assert outputs[0] == outputs[1]  # same seed, same bytes
     assert metrics["subjects_written"] == 3 and metrics["skipped_total"] == 0
-    frame = read_manifest(tmp_path / "a" / ingest.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
+    frame = read_manifest(tmp_path / "a" / paths.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
     assert frame["mask_path"].notna().all() and frame["caption"].notna().all()
     assert frame["class_name"].nunique() == 3
 
 
 def test_dreambench_folder(tmp_path, dreambench_dir):
     cfg = IngestConfig(source="dreambench", dreambench={"path": str(dreambench_dir)})
-    metrics, _ = ingest.run(cfg, tmp_path)
-    frame = read_manifest(tmp_path / ingest.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
+    metrics, _ = ingest.ingest_subjects(cfg, tmp_path)
+    frame = read_manifest(tmp_path / paths.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
     assert metrics["subjects_written"] == 30 and frame["subject_id"].nunique() == 30
     assert metrics["images_written"] == 158 and len(frame) == 158
     assert metrics["skipped_total"] == 0
@@ -122,7 +124,7 @@ def test_dreambench_folder(tmp_path, dreambench_dir):
     live = set(frame.loc[frame.category == "live", "subject_id"])
     assert live == {"cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"}
     assert (frame[["width", "height"]].max(axis=1) <= cfg.max_side).all()
-    prompts = (tmp_path / ingest.SUBJECTS_DIR / "dreambench_prompts.json").read_text()
+    prompts = (tmp_path / paths.SUBJECTS_DIR / "dreambench_prompts.json").read_text()
     assert "a {0} {1} in the jungle" in prompts
 
 

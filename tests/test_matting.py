@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from pymatting import estimate_alpha_cf
 
-from components import matting, synthetic
-from components.matting import BG, FG, UNKNOWN
+from components.context import matting
+from components.context.matting import BG, FG, UNKNOWN
+from components.data import synthetic
 
 
 def test_trimap_from_probs_thresholds():

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from components import blip_diffusion
-from components.blip_diffusion import build_tiny, load
-from components.errors import BlipDiffError
-from components.qformer import convert_reference_state_dict
+from components.core.errors import BlipDiffError
+from components.model import blip_diffusion, layout, presets
+from components.model.layout import load
+from components.model.qformer import convert_reference_state_dict
+from components.model.tiny.blip_diffusion import build_tiny
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +24,10 @@ def subject_image():
     return rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)
 
 
-def test_save_pretrained_writes_released_layout_and_loads_back(tiny, subject_image, tmp_path):
-    tiny.save_pretrained(tmp_path / "ckpt")
+def test_save_writes_released_layout_and_loads_back(tiny, subject_image, tmp_path):
+    layout.save(tiny, tmp_path / "ckpt")
     ckpt = tmp_path / "ckpt"
-    assert sorted(p.name for p in ckpt.iterdir()) == sorted(["model_index.json", *blip_diffusion.FOLDERS])
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(["model_index.json", *layout.FOLDERS])
     index = json.loads((ckpt / "model_index.json").read_text())
     assert index["_class_name"] == "BlipDiffusionPipeline" and index["ctx_begin_pos"] == 2
     assert index["qformer"] == ["blip_diffusion", "Blip2QFormerModel"]
@@ -44,7 +45,7 @@ def test_save_pretrained_writes_released_layout_and_loads_back(tiny, subject_ima
 def test_incomplete_or_missing_checkpoint(tiny, tmp_path):
     with pytest.raises(BlipDiffError, match="checkpoint folder not found"):
         load(tmp_path / "nope")
-    tiny.save_pretrained(tmp_path / "ckpt")
+    layout.save(tiny, tmp_path / "ckpt")
     for f in (tmp_path / "ckpt" / "unet").glob("*.safetensors"):
         f.unlink()
     with pytest.raises(BlipDiffError, match=r"unet: no weights file"):
@@ -133,4 +134,4 @@ def test_convert_reference_state_dict():
 def test_hub_preset_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BlipDiffError, match="Salesforce/blipdiffusion: not a local folder and not downloadable"):
-        blip_diffusion.from_preset("blipdiffusion")
+        presets.from_preset("blipdiffusion")

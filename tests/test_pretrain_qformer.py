@@ -7,11 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components import ingest, pretrain_qformer, train_subject
-from components.blip_diffusion import _load_qformer, build_tiny
-from components.config import Params
-from components.errors import BlipDiffError
-from components.io import SUBJECTS_SCHEMA, read_manifest, write_parquet
+from components.core import paths
+from components.core.config import Params
+from components.core.errors import BlipDiffError
+from components.data.manifests import SUBJECTS_SCHEMA, read_manifest, write_parquet
+from components.model.layout import load_qformer
+from components.model.tiny.blip_diffusion import build_tiny
+from components.stages import ingest, pretrain_qformer, train_subject
+from components.training.loop import STOP_AFTER_ENV
 
 SMALL = {"synthetic": {"num_subjects": 3, "min_views": 3, "max_views": 3, "image_size": 48}}
 
@@ -24,7 +27,7 @@ def _params(ingest_cfg=SMALL, **stage) -> Params:
 @pytest.fixture(scope="module")
 def subjects_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
-    ingest.run(_params().ingest, root)
+    ingest.ingest_subjects(_params().ingest, root)
     return root
 
 
@@ -87,20 +90,20 @@ def test_resumed_run_ends_with_the_same_weights_and_folder_loads(subjects_root, 
     metrics, _ = pretrain_qformer.run(_params(), a)
     assert {"itc_r1", "itc_r1_chance", "fixed_batch_loss_start", "fixed_batch_itm_end"} <= metrics.keys()
     b = _copy(subjects_root, tmp_path / "b")
-    monkeypatch.setenv(train_subject.STOP_AFTER_ENV, "2")
+    monkeypatch.setenv(STOP_AFTER_ENV, "2")
     with pytest.raises(BlipDiffError, match="stopped after step 2"):
         pretrain_qformer.run(_params(), b)
-    assert not (b / pretrain_qformer.MODEL_DIR).exists()
-    monkeypatch.delenv(train_subject.STOP_AFTER_ENV)
+    assert not (b / paths.QFORMER_DIR).exists()
+    monkeypatch.delenv(STOP_AFTER_ENV)
     pretrain_qformer.run(_params(), b, resume="latest")
-    folder_a, folder_b = a / pretrain_qformer.MODEL_DIR, b / pretrain_qformer.MODEL_DIR
+    folder_a, folder_b = a / paths.QFORMER_DIR, b / paths.QFORMER_DIR
     wa, wb = load_file(folder_a / "model.safetensors"), load_file(folder_b / "model.safetensors")
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
     heads = load_file(folder_a / pretrain_qformer.HEADS_FILE)
     assert {"temp", "itm_head.weight", "vision_proj.weight", "text_proj.weight", "lm_bias"} <= heads.keys()
 
     # The subject encoder loads the folder, and its weights are the trained ones.
-    qformer = _load_qformer(folder_a)
+    qformer = load_qformer(folder_a)
     untrained = build_tiny(0).qformer.state_dict()
     trained = qformer.state_dict()
     assert not torch.equal(trained["query_tokens"], untrained["query_tokens"])
@@ -112,7 +115,7 @@ def test_resumed_run_ends_with_the_same_weights_and_folder_loads(subjects_root, 
 
 
 def test_train_subject_starts_from_the_pretrained_qformer(subjects_root, tmp_path):
-    from components import context
+    from components.stages import context
 
     root = _copy(subjects_root, tmp_path / "chain")
     params = Params(ingest=SMALL, context={"backgrounds_per_image": 1, "matting_max_side": None},
@@ -124,16 +127,16 @@ def test_train_subject_starts_from_the_pretrained_qformer(subjects_root, tmp_pat
         train_subject.run(params, root)
     pretrain_qformer.run(params, root)
     train_subject.run(params, root)
-    pre = load_file(root / pretrain_qformer.MODEL_DIR / "model.safetensors")
-    after = load_file(root / train_subject.MODEL_DIR / "qformer" / "model.safetensors")
+    pre = load_file(root / paths.QFORMER_DIR / "model.safetensors")
+    after = load_file(root / paths.BLIP_DIFFUSION_DIR / "qformer" / "model.safetensors")
     assert all(torch.equal(pre[k], after[k]) for k in pre)  # frozen in stage 2 here: carried over unchanged
 
     # A Q-Former of another architecture is refused with a clear message.
     from transformers import Blip2Config
 
-    from components.qformer import BlipDiffusionQFormer
+    from components.model.qformer import BlipDiffusionQFormer
 
-    config = Blip2Config.from_pretrained(root / pretrain_qformer.MODEL_DIR)
+    config = Blip2Config.from_pretrained(root / paths.QFORMER_DIR)
     config.qformer_config.intermediate_size = 48
     BlipDiffusionQFormer(config).save_pretrained(root / "other_qformer")
     with pytest.raises(BlipDiffError, match="does not fit the preset's architecture"):
@@ -145,19 +148,19 @@ def test_bad_inputs(subjects_root, tmp_path):
     with pytest.raises(BlipDiffError, match="manifest not found"):
         pretrain_qformer.run(_params(), tmp_path)
     root = _copy(subjects_root, tmp_path / "bad")
-    frame = read_manifest(root / pretrain_qformer.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
+    frame = read_manifest(root / paths.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
     (root / frame["image_path"].iloc[0]).unlink()
     with pytest.raises(BlipDiffError, match=r"is missing \(re-run `dvc repro ingest`\)"):
         pretrain_qformer.run(_params(), root)
     same = frame.iloc[1:].assign(caption="a thing").astype(object)
     rows = same.where(same.notna(), None).to_dict("records")
-    write_parquet(rows, root / pretrain_qformer.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
+    write_parquet(rows, root / paths.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
     with pytest.raises(BlipDiffError, match="need at least two different ones"):
         pretrain_qformer.run(_params(), root)
-    write_parquet([], root / pretrain_qformer.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
+    write_parquet([], root / paths.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
     with pytest.raises(BlipDiffError, match="no images in the train split"):
         pretrain_qformer.run(_params(), root)
-    assert not (root / pretrain_qformer.MODEL_DIR).exists()
+    assert not (root / paths.QFORMER_DIR).exists()
 
 
 def test_captions_from_the_manifest_else_class_templates():
@@ -176,7 +179,7 @@ def test_learns_held_out_retrieval_far_above_chance(tmp_path):
     """
     cfg = {"test_views_per_subject": 2,
            "synthetic": {"num_subjects": 14, "min_views": 6, "max_views": 6, "image_size": 64}}
-    ingest.run(_params(cfg).ingest, tmp_path)
+    ingest.ingest_subjects(_params(cfg).ingest, tmp_path)
     metrics, _ = pretrain_qformer.run(_params(cfg, steps=600, warmup_steps=50, log_every=50,
                                               checkpoint_every=1000, batch_size=32), tmp_path)
     assert metrics["itc_images"] == 28 and metrics["itc_captions"] == 14

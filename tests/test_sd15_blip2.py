@@ -3,12 +3,18 @@
 import pytest
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import (
+    BertConfig,
+    BertModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+)
 
-from components import sd15_blip2
-from components.blip_diffusion import tiny_bert_tokenizer
-from components.errors import BlipDiffError
-from components.tiny import clip_tokenizer
+from components.core.errors import BlipDiffError
+from components.model import sd15_blip2
+from components.model.tiny.tokenizers import clip_tokenizer, tiny_bert_tokenizer
 
 H = 32
 

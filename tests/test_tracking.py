@@ -6,8 +6,8 @@ from pathlib import Path
 
 import mlflow
 
-from components import tracking
 from components.cli import main
+from components.core import paths, tracking
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_cli_stage_writes_metrics_json_and_mlflow_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = main(["ingest", "-S", "ingest.synthetic.num_subjects=2", "-S", "ingest.synthetic.image_size=48"])
     assert code == 0
-    metrics = json.loads((tmp_path / "metrics/ingest.json").read_text())
+    metrics = json.loads((tmp_path / paths.metrics_file("ingest")).read_text())
     assert metrics["subjects_written"] == 2
     assert not [k for k in metrics if k.startswith("seconds_")]  # timings: MLflow only
     (run,) = _runs(os.environ["MLFLOW_TRACKING_URI"])
@@ -57,9 +57,9 @@ def test_cli_stage_writes_metrics_json_and_mlflow_run(tmp_path, monkeypatch):
     assert run.data.params["ingest.synthetic.num_subjects"] == "2"
     artifacts = mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="samples")
     assert len(artifacts) == 2
-    first = (tmp_path / "metrics/ingest.json").read_bytes()
+    first = (tmp_path / paths.metrics_file("ingest")).read_bytes()
     assert main(["ingest", "-S", "ingest.synthetic.num_subjects=2", "-S", "ingest.synthetic.image_size=48"]) == 0
-    assert (tmp_path / "metrics/ingest.json").read_bytes() == first  # same params, same bytes
+    assert (tmp_path / paths.metrics_file("ingest")).read_bytes() == first  # same params, same bytes
 
 
 def test_cli_bad_params_one_line_error_nonzero_exit(tmp_path):

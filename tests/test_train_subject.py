@@ -9,10 +9,12 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from components import context, ingest, train_subject
-from components.config import Params
-from components.errors import BlipDiffError
-from components.io import PAIRS_SCHEMA, read_manifest, write_parquet
+from components.core import paths
+from components.core.config import Params
+from components.core.errors import BlipDiffError
+from components.data.manifests import PAIRS_SCHEMA, read_manifest, write_parquet
+from components.stages import context, ingest, train_subject
+from components.training.loop import STOP_AFTER_ENV
 
 SMALL = {
     "ingest": {"synthetic": {"num_subjects": 2, "min_views": 3, "max_views": 3, "image_size": 48}},
@@ -30,13 +32,13 @@ def _params(**train) -> Params:
 def pairs_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
     params = _params()
-    ingest.run(params.ingest, root)
+    ingest.ingest_subjects(params.ingest, root)
     context.run(params, root)
     return root
 
 
 def _weights(root):
-    folder = root / train_subject.MODEL_DIR
+    folder = root / paths.BLIP_DIFFUSION_DIR
     return {sub: load_file(next((folder / sub).glob("*.safetensors"))) for sub in ("qformer", "text_encoder", "unet")}
 
 
@@ -52,11 +54,11 @@ def test_resumed_run_ends_with_the_same_weights(pairs_root, tmp_path, monkeypatc
     metrics, _ = train_subject.run(_params(), a)
     assert metrics["fixed_batch_loss_end"] < metrics["fixed_batch_loss_start"] * 1.5  # finite, sane
     b = _copy(pairs_root, tmp_path / "b")
-    monkeypatch.setenv(train_subject.STOP_AFTER_ENV, "2")
+    monkeypatch.setenv(STOP_AFTER_ENV, "2")
     with pytest.raises(BlipDiffError, match="stopped after step 2"):
         train_subject.run(_params(), b)
-    assert not (b / train_subject.MODEL_DIR).exists()  # nothing half-written
-    monkeypatch.delenv(train_subject.STOP_AFTER_ENV)
+    assert not (b / paths.BLIP_DIFFUSION_DIR).exists()  # nothing half-written
+    monkeypatch.delenv(STOP_AFTER_ENV)
     train_subject.run(_params(), b, resume="latest")
     wa, wb = _weights(a), _weights(b)
     for part in wa:
@@ -73,7 +75,7 @@ def test_ema_and_gradient_checkpointing(pairs_root, tmp_path, monkeypatch):
     saved (between the start and the raw trained weights) and survive a resume."""
     import torch
 
-    from components.blip_diffusion import build_tiny
+    from components.model.tiny.blip_diffusion import build_tiny
 
     plain = _copy(pairs_root, tmp_path / "plain")
     train_subject.run(_params(), plain)
@@ -94,10 +96,10 @@ def test_ema_and_gradient_checkpointing(pairs_root, tmp_path, monkeypatch):
 
     assert 0 < distance(we) < distance(wp["unet"])
     resumed = _copy(pairs_root, tmp_path / "ema-resumed")
-    monkeypatch.setenv(train_subject.STOP_AFTER_ENV, "2")
+    monkeypatch.setenv(STOP_AFTER_ENV, "2")
     with pytest.raises(BlipDiffError, match="stopped after step 2"):
         train_subject.run(_params(ema_decay=0.9), resumed)
-    monkeypatch.delenv(train_subject.STOP_AFTER_ENV)
+    monkeypatch.delenv(STOP_AFTER_ENV)
     train_subject.run(_params(ema_decay=0.9), resumed, resume="latest")
     wr = _weights(resumed)["unet"]
     assert all(torch.equal(wr[k], we[k]) for k in we)
@@ -113,11 +115,11 @@ def test_bad_inputs(pairs_root, tmp_path):
     with pytest.raises(BlipDiffError, match="manifest not found"):
         train_subject.run(_params(), tmp_path)
     root = _copy(pairs_root, tmp_path / "missing")
-    pairs = read_manifest(root / context.PAIRS_MANIFEST, PAIRS_SCHEMA)
+    pairs = read_manifest(root / paths.PAIRS_MANIFEST, PAIRS_SCHEMA)
     (root / pairs["input_path"].iloc[0]).unlink()
     with pytest.raises(BlipDiffError, match="is missing"):
         train_subject.run(_params(), root)
-    write_parquet([], root / context.PAIRS_MANIFEST, PAIRS_SCHEMA)
+    write_parquet([], root / paths.PAIRS_MANIFEST, PAIRS_SCHEMA)
     with pytest.raises(BlipDiffError, match="no training pairs"):
         train_subject.run(_params(), root)
     with pytest.raises(BlipDiffError, match="no checkpoint"):
@@ -154,10 +156,10 @@ def test_two_cpu_processes_with_accelerate_launch(pairs_root, tmp_path):
             out, _ = proc.communicate()
             pytest.fail(f"{stage} with 2 processes hung:\n{out[-3000:]}")
         assert proc.returncode == 0, out[-3000:]
-        metrics = json.loads((root / f"metrics/{stage}.json").read_text())
+        metrics = json.loads((root / paths.metrics_file(stage)).read_text())
         assert metrics["processes"] == 2
-    assert (root / "models/qformer/model.safetensors").is_file()
-    assert (root / train_subject.MODEL_DIR / "unet").is_dir()
+    assert (root / paths.QFORMER_DIR / "model.safetensors").is_file()
+    assert (root / paths.BLIP_DIFFUSION_DIR / "unet").is_dir()
 
 
 def test_cli_stage_registers_the_model(pairs_root, tmp_path, monkeypatch):
@@ -181,7 +183,7 @@ def test_cli_stage_registers_the_model(pairs_root, tmp_path, monkeypatch):
     history = client.get_metric_history(version.run_id, "loss")
     assert [m.step for m in history] == [1, 2]
     model = mlflow.pyfunc.load_model(f"models:/blip-diffusion/{version.version}")
-    pairs = read_manifest(root / context.PAIRS_MANIFEST, PAIRS_SCHEMA)
+    pairs = read_manifest(root / paths.PAIRS_MANIFEST, PAIRS_SCHEMA)
     import pandas as pd
 
     images = model.predict(pd.DataFrame([{"subject_image": str(root / pairs["target_path"].iloc[0]),
@@ -196,13 +198,13 @@ def test_identifies_held_out_subjects_far_above_chance(tmp_path):
     params.yaml's defaults): 8 synthetic subjects, 3 held-out views each (24 images, chance
     1/8). Bound: >= 3x chance, i.e. at least 9 of 24 identified; a random guesser gets that
     with probability ~0.17% (binomial, p = 1/8). The measured value is in the metrics."""
-    from components import pretrain_qformer
+    from components.stages import pretrain_qformer
 
     params = Params(ingest={"test_views_per_subject": 3,
                             "synthetic": {"num_subjects": 8, "min_views": 8, "max_views": 8}},
                     train_subject={"id_draws": 16, "log_every": 250, "checkpoint_every": 10_000},
                     pretrain_qformer={"log_every": 100, "checkpoint_every": 10_000})
-    ingest.run(params.ingest, tmp_path)
+    ingest.ingest_subjects(params.ingest, tmp_path)
     context.run(params, tmp_path)
     pretrain_qformer.run(params, tmp_path)
     metrics, _ = train_subject.run(params, tmp_path)
@@ -221,4 +223,4 @@ def test_out_of_memory_is_one_clear_error_and_writes_nothing(pairs_root, tmp_pat
     with pytest.raises(BlipDiffError, match=r"train_subject: out of memory \(.*allocate.*\); lower "
                                             r"train_subject.batch_size"):
         train_subject.run(_params(), root)
-    assert not (root / train_subject.MODEL_DIR).exists()
+    assert not (root / paths.BLIP_DIFFUSION_DIR).exists()

@@ -18,13 +18,15 @@ import torch
 from transformers import BertTokenizer, Blip2Config, CLIPTextConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from components.blip_diffusion import full_size_configs  # noqa: E402  (plain dicts only)
+from components.model.full_size import full_size_configs  # noqa: E402  (plain dicts only)
 
 
 def main() -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.pipelines.blip_diffusion.modeling_blip2 import Blip2QFormerModel
-    from diffusers.pipelines.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
+    from diffusers.pipelines.blip_diffusion.modeling_ctx_clip import (
+        ContextCLIPTextModel,
+    )
 
     cfg = full_size_configs()
     # The reference Q-Former fetches bert-base-uncased's tokenizer in __init__: not needed here.

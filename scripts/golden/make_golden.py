@@ -57,21 +57,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import diffusers  # noqa: E402
 import numpy as np  # noqa: E402
 import PIL  # noqa: E402
 import PIL.Image  # noqa: E402
-import torch  # noqa: E402
-
-import diffusers  # noqa: E402
-import transformers  # noqa: E402
 import safetensors  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel  # noqa: E402
 from diffusers.pipelines.blip_diffusion import BlipDiffusionPipeline  # noqa: E402
 from diffusers.pipelines.blip_diffusion.blip_image_processing import BlipImageProcessor  # noqa: E402
 from diffusers.pipelines.blip_diffusion.modeling_blip2 import Blip2QFormerModel  # noqa: E402
 from diffusers.pipelines.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from transformers import BertTokenizer, Blip2Config, CLIPTextConfig, CLIPTokenizer  # noqa: E402
 from transformers.models.clip.tokenization_clip import bytes_to_unicode  # noqa: E402
 

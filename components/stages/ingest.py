@@ -1,154 +1,53 @@
 """Stage `ingest`: subject images from a source, normalised, checked, de-duplicated.
 
 Writes `data/subjects/` (images/<subject>/NN.png, masks/<subject>/NN.png when the
-source knows the alpha) and `data/subjects.parquet` (schema: components.io.SUBJECTS_SCHEMA).
+source knows the alpha) and `data/subjects.parquet` (schema:
+components.data.manifests.SUBJECTS_SCHEMA). The sources are `components.data.sources`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from components import dreambench, images, synthetic
-from components.config import IngestConfig
-from components.errors import BlipDiffError
-from components.io import (
-    SUBJECTS_SCHEMA,
-    alpha_to_uint8,
-    atomic_path,
-    relpath,
-    save_png,
-    write_parquet,
-)
+from components.core.config import IngestConfig, Params
+from components.core.errors import BlipDiffError
+from components.core.io import atomic_path
+from components.core.paths import SUBJECTS_DIR, SUBJECTS_MANIFEST
+from components.data import dreambench, images, sources
+from components.data.images import alpha_to_uint8, save_png
+from components.data.manifests import SUBJECTS_SCHEMA, relpath, write_parquet
 
 log = logging.getLogger(__name__)
 
-SUBJECTS_DIR = Path("data/subjects")
-SUBJECTS_MANIFEST = Path("data/subjects.parquet")
+SECTIONS = ("ingest",)  # the params this stage reads (dvc.yaml `params`)
+OUTPUTS = (SUBJECTS_DIR, SUBJECTS_MANIFEST)
 # Reasons that count towards ingest.max_skipped_fraction (duplicates are not failures).
 UNREADABLE = (images.NOT_AN_IMAGE, images.CORRUPT, images.TRUNCATED)
 
 
-@dataclass
-class Candidate:
-    """One image a source offers, loaded lazily so a bad file fails on its own."""
-
-    subject_id: str
-    class_name: str
-    source_path: str
-    load: Callable[[], images.LoadedImage]
-    category: str | None = None
-    caption: str | None = None
+def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The stage (`blipdiff ingest`): its metrics and a few sample images."""
+    return ingest_subjects(params.ingest, root)
 
 
-def subject_id_from_name(name: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-    if not slug:
-        raise BlipDiffError(f"subject folder name {name!r} has no letters or digits")
-    return slug
-
-
-def class_from_name(name: str) -> str:
-    """`dog2` -> `dog`, `bear_plushie` -> `bear plushie`: a folder name read as a class."""
-    return re.sub(r"[_\-\s]+", " ", re.sub(r"\d+$", "", name)).strip() or name
-
-
-# ------------------------------------------------------------------------- sources
-def synthetic_candidates(cfg: IngestConfig) -> Iterator[Candidate]:
-    s = cfg.synthetic
-    views = synthetic.generate(s.num_subjects, s.min_views, s.max_views, s.image_size, cfg.seed)
-    for view in views:
-        subject = view.subject
-        yield Candidate(
-            subject_id=subject.subject_id,
-            class_name=subject.class_name,
-            source_path=f"synthetic://{subject.subject_id}/{view.view_index:02d}",
-            load=lambda v=view: images.cap_size(images.LoadedImage(rgb=v.image, alpha=v.alpha), cfg.max_side),
-            caption=subject.caption,
-        )
-
-
-def folder_candidates(
-    root: Path,
-    cfg: IngestConfig,
-    classes: dict[str, str] | None,
-    category: Callable[[str], str | None],
-    skipped: Counter,
-) -> Iterator[Candidate]:
-    """`root/<subject>/<files>`: every visible file in a subject folder is a candidate."""
-    if not root.is_dir():
-        raise BlipDiffError(f"{root}: subject folder not found")
-    subject_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not subject_dirs:
-        raise BlipDiffError(f"{root}: no subject folders inside (expected <root>/<subject>/<images>)")
-    seen: dict[str, str] = {}
-    for folder in subject_dirs:
-        subject_id = subject_id_from_name(folder.name)
-        if subject_id in seen:
-            raise BlipDiffError(
-                f"{folder}: subject id {subject_id!r} clashes with folder {seen[subject_id]!r}"
-            )
-        seen[subject_id] = folder.name
-        if classes is not None and folder.name not in classes:
-            raise BlipDiffError(f"{folder}: subject {folder.name!r} has no class in the class list")
-        class_name = classes[folder.name] if classes is not None else class_from_name(folder.name)
-        files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-        if not files:
-            skipped[images.EMPTY_SUBJECT] += 1
-            log.warning("skipped subject %s: %s", folder, images.EMPTY_SUBJECT)
-        for path in files:
-            yield Candidate(
-                subject_id=subject_id,
-                class_name=class_name,
-                source_path=str(path),
-                load=lambda p=path: images.load_image(p, cfg.max_side),
-                category=category(folder.name),
-            )
-
-
-def read_classes_csv(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        raise BlipDiffError(f"{path}: classes CSV not found")
-    table = pd.read_csv(path, dtype=str)
-    if not {"subject", "class"} <= set(table.columns):
-        raise BlipDiffError(f"{path}: needs the columns 'subject' and 'class', has {list(table.columns)}")
-    return dict(zip(table["subject"].str.strip(), table["class"].str.strip()))
-
-
-def dreambench_root(cfg: IngestConfig, root: Path) -> Path:
-    d = cfg.dreambench
-    if d.path is None:
-        return dreambench.download(d.url, Path(d.cache_dir).expanduser())
-    path = (root / d.path).resolve()
-    if not path.is_dir():
-        raise BlipDiffError(
-            f"ingest.dreambench.path: {path} not found; "
-            "point it at a DreamBooth dataset folder, or set it to null to download"
-        )
-    return path
-
-
-# --------------------------------------------------------------------------- stage
-def run(cfg: IngestConfig, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """Run the stage in `root` (the repo); return its metrics and a few sample images."""
+def ingest_subjects(cfg: IngestConfig, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Ingest into `root` (the repo); return the metrics and a few sample images."""
     skipped: Counter = Counter()
     extra_files: dict[str, dict] = {}
     if cfg.source == "synthetic":
-        candidates = synthetic_candidates(cfg)
+        candidates = sources.synthetic_candidates(cfg)
     elif cfg.source == "dreambench":
-        src = dreambench_root(cfg, root)
+        src = sources.dreambench_root(cfg, root)
         info = dreambench.parse_prompts_and_classes(src / dreambench.PROMPTS_FILE)
         log.info("DreamBench at %s: %d subjects in the class list", src, len(info.classes))
-        candidates = folder_candidates(src, cfg, info.classes, info.category, skipped)
+        candidates = sources.folder_candidates(src, cfg, info.classes, info.category, skipped)
         extra_files["dreambench_prompts.json"] = {
             "object": info.object_prompts,
             "live": info.live_prompts,
@@ -156,8 +55,8 @@ def run(cfg: IngestConfig, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
         }
     else:
         src = (root / cfg.folder.path).resolve()
-        classes = read_classes_csv(root / cfg.folder.classes_csv) if cfg.folder.classes_csv else None
-        candidates = folder_candidates(src, cfg, classes, lambda _: None, skipped)
+        classes = sources.read_classes_csv(root / cfg.folder.classes_csv) if cfg.folder.classes_csv else None
+        candidates = sources.folder_candidates(src, cfg, classes, lambda _: None, skipped)
 
     out_dir, manifest = root / SUBJECTS_DIR, root / SUBJECTS_MANIFEST
     rows: list[dict] = []

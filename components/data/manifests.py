@@ -1,26 +1,19 @@
-"""Writing outputs so that a failed stage leaves nothing half-written.
+"""Manifests: parquet files with a fixed schema, one row per subject image or training pair.
 
-Every output is written under a temporary name next to its final path and renamed into
-place only when complete; manifests are parquet files with a fixed schema.
+Paths inside them are relative to the repository root, posix style, so data stays portable.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
-from components.errors import BlipDiffError
+from components.core.errors import BlipDiffError
+from components.core.io import atomic_path
 
 # One row per subject image (stage ingest).
 SUBJECTS_SCHEMA = pa.schema(
@@ -56,22 +49,6 @@ PAIRS_SCHEMA = pa.schema(
 )
 
 
-@contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path (file or directory); rename it onto `final` on success."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) / final.name
-    try:
-        yield tmp
-        if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        elif final.exists() or final.is_symlink():
-            final.unlink()
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
-
-
 def write_parquet(rows: list[dict[str, Any]], path: Path, schema: pa.Schema) -> pd.DataFrame:
     """Write rows with exactly `schema`'s columns, atomically; return them as a DataFrame."""
     table = pa.Table.from_pylist(rows, schema=schema)
@@ -92,20 +69,6 @@ def read_manifest(path: Path, schema: pa.Schema) -> pd.DataFrame:
     if missing:
         raise BlipDiffError(f"{path}: missing columns {missing}")
     return table.select(schema.names).to_pandas()
-
-
-def write_json(data: dict[str, Any], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def save_png(array: np.ndarray, path: Path) -> None:
-    """Save uint8 HxW or HxWx3 as PNG; fixed, fast settings so the same pixels give the same bytes."""
-    Image.fromarray(array).save(path, format="PNG", compress_level=1)
-
-
-def alpha_to_uint8(alpha: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(alpha * 255.0), 0, 255).astype(np.uint8)
 
 
 def relpath(path: Path, root: Path) -> str:

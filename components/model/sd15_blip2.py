@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from components.errors import BlipDiffError
+from components.core.errors import BlipDiffError
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,18 @@ def convert_bert(state: dict[str, torch.Tensor], num_layers: int, vocab_size: in
 def build(sd15: str = SD15_ID, clip_vision: str = CLIP_VISION_ID, bert: str = BERT_ID, seed: int = 0):
     """Assemble the composition; sources are hub ids or local folders."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import BertModel, BertTokenizer, Blip2Config, CLIPTokenizer, CLIPVisionModel
+    from transformers import (
+        BertModel,
+        BertTokenizer,
+        Blip2Config,
+        CLIPTokenizer,
+        CLIPVisionModel,
+    )
 
-    from components.blip_diffusion import BlipDiffusion, ImageProcessorConfig
-    from components.qformer import BlipDiffusionQFormer
-    from components.text_encoder import ContextCLIPTextModel
+    from components.model.blip_diffusion import BlipDiffusion
+    from components.model.processor import ImageProcessorConfig
+    from components.model.qformer import BlipDiffusionQFormer
+    from components.model.text_encoder import ContextCLIPTextModel
 
     try:
         vision = CLIPVisionModel.from_pretrained(clip_vision)

@@ -14,45 +14,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from components.device import resolve_device
-from components.errors import BlipDiffError
+from components.core.errors import BlipDiffError
+from components.model.device import resolve_device
+from components.model.tiny import clipseg as tiny_clipseg
 
 log = logging.getLogger(__name__)
 
 HUB_ID = "CIDAS/clipseg-rd64-refined"
 PRESET_MODELS = {"tiny": None, "blipdiffusion": HUB_ID, "sd15-blip2": HUB_ID}
-TINY_IMAGE_SIZE = 64
-
-
-def build_tiny(seed: int):
-    """A small CLIPSeg (about 0.1M parameters) with seeded random weights, and its processor."""
-    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor
-    from transformers.models.clip import CLIPImageProcessorPil
-
-    from components.tiny import clip_tokenizer
-
-    tokenizer = clip_tokenizer()
-    config = CLIPSegConfig(
-        text_config=dict(
-            vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=TINY_IMAGE_SIZE, patch_size=8,
-        ),
-        projection_dim=32, extract_layers=[0, 1], reduce_dim=16,
-        decoder_num_attention_heads=2, decoder_intermediate_size=32,
-    )
-    torch.manual_seed(seed)
-    model = CLIPSegForImageSegmentation(config)
-    size = {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
-    image_processor = CLIPImageProcessorPil(
-        do_resize=True, size=size, do_center_crop=False, crop_size=size,
-    )
-    return model, CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 def load_pretrained(name_or_path: str):
@@ -78,7 +47,7 @@ class ClipSeg:
         name = name_or_path or PRESET_MODELS[preset]
         self.name = name or "tiny (random weights)"
         self.device = resolve_device(device)
-        model, self.processor = build_tiny(seed) if name is None else load_pretrained(name)
+        model, self.processor = tiny_clipseg.build_clipseg(seed) if name is None else load_pretrained(name)
         self.model = model.to(self.device).eval()
         log.info("CLIPSeg: %s on %s", self.name, self.device)
 

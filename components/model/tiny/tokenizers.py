@@ -1,12 +1,10 @@
-"""Pieces of the `tiny` preset that are built locally instead of downloaded.
-
-The tiny preset runs every stage offline on a CPU: networks come from small configs with
-seeded random weights, and tokenizers are generated here.
-"""
+"""The tiny preset's tokenizers, generated here instead of downloaded: a character-level
+CLIP BPE tokenizer (text encoder, CLIPSeg) and a small WordPiece vocabulary (Q-Former)."""
 
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 
 @lru_cache(maxsize=1)
@@ -43,3 +41,19 @@ def clip_tokenizer(model_max_length: int = 77):
 
     vocab, merges = clip_tokenizer_files()
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def tiny_bert_tokenizer(folder: Path):
+    """A small WordPiece vocabulary (letters, digits, common words) written to `folder`."""
+    from transformers import BertTokenizer
+
+    words = ("a an the of in on with and is dog cat toy ball vase box cup bottle lamp hat "
+             "backpack teapot sneaker boot glasses candle clock can bowl plushie stuffed animal "
+             "cartoon car robot red blue green yellow purple pink white black orange").split()
+    letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *[f"##{c}" for c in letters], *words]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), truncation_side="right")
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from components.errors import BlipDiffError
+from components.core.errors import BlipDiffError
 
 # Skip reasons, reported by count in the stage metrics.
 NOT_AN_IMAGE = "not_an_image"
@@ -135,3 +135,23 @@ def read_listed_rgb(root: Path, relative: str, manifest: Path, producer: str) ->
 def read_alpha(path: Path) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
+def read_subject_images(paths: list[Path], max_side: int = 1024) -> list[np.ndarray]:
+    """A user's reference images as RGB arrays; an unreadable one is a clear error."""
+    refs = []
+    for path in paths:
+        try:
+            refs.append(load_image(path, max_side=max_side).rgb)
+        except (SkipImage, OSError) as exc:
+            raise BlipDiffError(f"subject image {exc}") from None
+    return refs
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    """Save uint8 HxW or HxWx3 as PNG; fixed, fast settings so the same pixels give the same bytes."""
+    Image.fromarray(array).save(path, format="PNG", compress_level=1)
+
+
+def alpha_to_uint8(alpha: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(alpha * 255.0), 0, 255).astype(np.uint8)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy.interpolate import PchipInterpolator
 
-from components.backgrounds import KINDS, procedural_background
+from components.data.backgrounds import KINDS, procedural_background
 
 MIN_IMAGE_SIZE = 32
 _SUPERSAMPLE = 4  # mask rendered at 4x then box-filtered: 17 alpha levels along edges

@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.errors import BlipDiffError
+from components.core.errors import BlipDiffError
 
 log = logging.getLogger(__name__)
 

@@ -16,21 +16,23 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
-from components.errors import BlipDiffError
+from components.core.config import params_preset
+from components.core.errors import BlipDiffError
+from components.core.io import atomic_path
+from components.data.images import read_subject_images, save_png
+from components.model import finetuned
+from components.model.blip_diffusion import SCHEDULERS
+from components.model.device import DTYPES, placement
+from components.model.embeddings import load_embeddings, save_embeddings
+from components.model.presets import PRESETS, from_preset
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from components.blip_diffusion import SCHEDULERS
-
     src = p.add_argument_group("model")
     src.add_argument("--checkpoint", help="a folder in the released layout, or a hub id")
-    src.add_argument("--preset", choices=["tiny", "blipdiffusion", "sd15-blip2"],
+    src.add_argument("--preset", choices=PRESETS,
                      help="model preset when no --checkpoint (default: params.yaml's, else tiny)")
     src.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     src.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -62,40 +64,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 
-def save_embeddings(path: Path, embeds: torch.Tensor, meta: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    from components.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        save_file({"subject_embeds": embeds.detach().float().cpu().contiguous()}, tmp, metadata=meta)
-
-
-def load_embeddings(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise BlipDiffError(f"{path}: embeddings file not found")
-    try:
-        with safe_open(str(path), "pt") as f:
-            return f.get_tensor("subject_embeds"), dict(f.metadata() or {})
-    except Exception as exc:
-        raise BlipDiffError(f"{path}: not a subject embeddings file ({exc})") from None
-
-
-def read_subject_images(paths: list[Path]) -> list:
-    """Reference images as RGB arrays; an unreadable one is a clear error."""
-    from components.images import SkipImage, load_image
-
-    refs = []
-    for path in paths:
-        try:
-            refs.append(load_image(path, max_side=1024).rgb)
-        except (SkipImage, OSError) as exc:
-            raise BlipDiffError(f"subject image {exc}") from None
-    return refs
-
-
 def _validate(args) -> None:
     prompts = [p.strip() for p in args.prompt]
     if not prompts:
@@ -123,24 +91,10 @@ def _validate(args) -> None:
         raise BlipDiffError(f"--batch-size must be >= 1, got {args.batch_size}")
 
 
-def _placement(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    from components.device import resolve_device
-
-    dev = resolve_device(device)
-    if dtype == "auto":
-        return dev, torch.float16 if dev.type == "cuda" else torch.float32
-    if dev.type == "cpu" and dtype == "fp16":
-        raise BlipDiffError("fp16 is for GPUs; on CPU use --dtype fp32 or bf16")
-    return dev, DTYPES[dtype]
-
-
 def run(args) -> list[dict]:
-    from components.blip_diffusion import from_preset
-    from components.io import atomic_path, save_png
-
     _validate(args)
     preset = args.preset or params_preset()
-    device, dtype = _placement(args.device, args.dtype)
+    device, dtype = placement(args.device, args.dtype)
     start = time.perf_counter()
     model = from_preset(preset, args.checkpoint).to(device, dtype)
     log.info("model %s on %s (%s) in %.1f s", args.checkpoint or preset, device, dtype,
@@ -148,9 +102,7 @@ def run(args) -> list[dict]:
 
     if args.embeddings or args.finetuned:
         if args.finetuned:
-            from components import finetune
-
-            embeds, meta = finetune.apply(model, args.finetuned)
+            embeds, meta = finetuned.apply(model, args.finetuned)
         else:
             embeds, meta = load_embeddings(args.embeddings)
         source = args.source_subject or meta.get("source_subject", "")
@@ -203,9 +155,3 @@ def run(args) -> list[dict]:
         (tmp / "records.json").write_text(json.dumps(records, indent=2) + "\n")
     log.info("wrote %d images and records.json to %s", len(records), args.out)
     return records
-
-
-def params_preset() -> str:
-    from components.config import load_params
-
-    return load_params("params.yaml").preset if Path("params.yaml").is_file() else "tiny"

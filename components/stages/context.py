@@ -3,7 +3,8 @@
 For each subject image: CLIPSeg(image, class text) -> trimap -> closed-form alpha ->
 the subject alpha-blended onto K random backgrounds. Each composite is a training input
 whose target is the original image. Writes `data/context/` (alpha/, inputs/) and
-`data/pairs.parquet` (schema: components.io.PAIRS_SCHEMA).
+`data/pairs.parquet` (schema: components.data.manifests.PAIRS_SCHEMA). CLIPSeg and
+matting are `components.context`.
 """
 
 from __future__ import annotations
@@ -18,26 +19,24 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from components import matting
-from components.backgrounds import procedural_background
-from components.config import ContextConfig, Params
-from components.errors import BlipDiffError
-from components.images import read_alpha, read_rgb
-from components.ingest import SUBJECTS_MANIFEST
-from components.io import (
+from components.context import matting
+from components.core.config import ContextConfig, Params
+from components.core.errors import BlipDiffError
+from components.core.io import atomic_path
+from components.core.paths import CONTEXT_DIR, PAIRS_MANIFEST, SUBJECTS_MANIFEST
+from components.data.backgrounds import procedural_background
+from components.data.images import alpha_to_uint8, read_alpha, read_rgb, save_png
+from components.data.manifests import (
     PAIRS_SCHEMA,
     SUBJECTS_SCHEMA,
-    alpha_to_uint8,
-    atomic_path,
     read_manifest,
-    save_png,
     write_parquet,
 )
 
 log = logging.getLogger(__name__)
 
-CONTEXT_DIR = Path("data/context")
-PAIRS_MANIFEST = Path("data/pairs.parquet")
+SECTIONS = ("preset", "context")  # the params this stage reads (dvc.yaml `params`)
+OUTPUTS = (CONTEXT_DIR, PAIRS_MANIFEST)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
@@ -111,7 +110,7 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
     stats = ContextStats()
     segmenter = None
     if "clipseg" in sources:
-        from components.clipseg import ClipSeg
+        from components.context.clipseg import ClipSeg
 
         t = time.perf_counter()
         segmenter = ClipSeg(params.preset, cfg.clipseg_model, cfg.seed, cfg.device)

@@ -36,18 +36,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components import training
-from components.config import Params, PretrainQFormerConfig
-from components.errors import BlipDiffError
-from components.images import read_listed_rgb
-from components.io import SUBJECTS_SCHEMA, read_manifest
+from components.core.config import Params, PretrainQFormerConfig
+from components.core.errors import BlipDiffError
+from components.core.io import atomic_path
+from components.core.paths import QFORMER_DIR, SUBJECTS_MANIFEST, checkpoint_dir
+from components.data.images import read_listed_rgb
+from components.data.manifests import SUBJECTS_SCHEMA, read_manifest
+from components.model.presets import from_preset
+from components.training import loop as training
 
 log = logging.getLogger(__name__)
 
-SUBJECTS_MANIFEST = Path("data/subjects.parquet")
-MODEL_DIR = Path("models/qformer")
+SECTIONS = ("preset", "pretrain_qformer")  # the params this stage reads (dvc.yaml `params`)
+OUTPUTS = (QFORMER_DIR,)
 HEADS_FILE = "heads/pretrain_heads.safetensors"
-CHECKPOINT_DIR = training.CHECKPOINT_ROOT / "pretrain_qformer"
+CHECKPOINT_DIR = checkpoint_dir("pretrain_qformer")
 CLASS_TEMPLATES = ("a photo of a {}", "a picture of the {}", "a close-up photo of a {}", "a {} on its own")
 
 
@@ -274,30 +277,11 @@ def fixed_batch_losses(stage1: Stage1, data: CaptionData, cfg: PretrainQFormerCo
 
 
 # ---------------------------------------------------------------------------- stage
-def load_qformer(folder: Path, like):
-    """A pre-trained Q-Former folder, checked to fit `like` (the preset's Q-Former)."""
-    from components.blip_diffusion import _load_qformer, _load_qformer_tokenizer
-
-    if not (folder / "config.json").is_file():
-        raise BlipDiffError(f"{folder}: no pre-trained Q-Former here (run `dvc repro pretrain_qformer`, "
-                            "or set train_subject.qformer: null to start from the preset's)")
-    qformer = _load_qformer(folder)
-    mine, theirs = like.state_dict(), qformer.state_dict()
-    wrong = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape]
-    if wrong:
-        raise BlipDiffError(f"{folder}: this Q-Former does not fit the preset's architecture "
-                            f"({len(wrong)} tensors differ, e.g. {wrong[0]}); pre-train it with the same preset")
-    return qformer, _load_qformer_tokenizer(folder)
-
-
 @training.explain_out_of_memory(
     "pretrain_qformer", "lower pretrain_qformer.batch_size (gradient_accumulation_steps keeps the effective "
     "batch, though ITC and ITM then see fewer in-batch negatives)")
 def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     from diffusers.optimization import get_cosine_schedule_with_warmup
-
-    from components.blip_diffusion import from_preset
-    from components.io import atomic_path
 
     cfg = params.pretrain_qformer
     frame = read_manifest(root / SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
@@ -354,7 +338,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
 
         plain.eval()
         fixed_end = fixed_batch_losses(plain, train, cfg)
-        with atomic_path(root / MODEL_DIR) as tmp:
+        with atomic_path(root / QFORMER_DIR) as tmp:
             qformer.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             (tmp / HEADS_FILE).parent.mkdir()
@@ -376,6 +360,6 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
             metrics.update(retrieval(plain, held_out, candidates))
             if r1_start is not None:
                 metrics["itc_r1_start"] = r1_start
-        log.info("wrote %s; %s", MODEL_DIR, {k: v for k, v in metrics.items() if k.startswith(("itc", "fixed"))})
+        log.info("wrote %s; %s", QFORMER_DIR, {k: v for k, v in metrics.items() if k.startswith(("itc", "fixed"))})
     training.finish(accelerator)
     return metrics, {}

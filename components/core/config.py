@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from components.errors import ConfigError
+from components.core.errors import ConfigError
 
 Preset = Literal["tiny", "blipdiffusion", "sd15-blip2"]
 
@@ -244,3 +244,8 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     for override in overrides or []:
         apply_override(raw, override)
     return parse_params(raw, str(path))
+
+
+def params_preset(path: str | Path = "params.yaml") -> str:
+    """The preset of a params file, for commands run outside DVC; `tiny` when there is none."""
+    return load_params(path).preset if Path(path).is_file() else "tiny"

@@ -21,20 +21,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from components import training
-from components.config import Params, TrainSubjectConfig
-from components.context import PAIRS_MANIFEST
-from components.errors import BlipDiffError
-from components.images import read_listed_rgb
-from components.io import PAIRS_SCHEMA, read_manifest
+from components.core import tracking
+from components.core.config import Params, TrainSubjectConfig
+from components.core.errors import BlipDiffError
+from components.core.paths import BLIP_DIFFUSION_DIR, PAIRS_MANIFEST, checkpoint_dir
+from components.data.images import read_listed_rgb
+from components.data.manifests import PAIRS_SCHEMA, read_manifest
+from components.model import layout
+from components.model.presets import from_preset
+from components.training import loop as training
 
 log = logging.getLogger(__name__)
 
-MODEL_DIR = Path("models/blip_diffusion")
-CHECKPOINT_DIR = training.CHECKPOINT_ROOT / "train_subject"
-STOP_AFTER_ENV = training.STOP_AFTER_ENV
+SECTIONS = ("preset", "train_subject")  # the params this stage reads (dvc.yaml `params`)
+OUTPUTS = (BLIP_DIFFUSION_DIR,)
+CHECKPOINT_DIR = checkpoint_dir("train_subject")
 
 
 # ----------------------------------------------------------------------------- data
@@ -49,7 +51,7 @@ class PairData:
         inputs = [read_listed_rgb(root, p, PAIRS_MANIFEST, "context") for p in frame["input_path"]]
         targets = [read_listed_rgb(root, p, PAIRS_MANIFEST, "context") for p in frame["target_path"]]
         self.pixels = model.image_processor(inputs)  # Q-Former input: the composite
-        self.latents = encode_latents(model, targets, resolution)  # target: the original
+        self.latents = model.encode_latents(targets, resolution)  # target: the original
         texts = list(frame["subject_text"])
         q = model.qformer_tokenizer(texts, padding=True, return_tensors="pt")
         self.class_ids, self.class_mask = q.input_ids, q.attention_mask
@@ -69,22 +71,6 @@ class PairData:
 
     def __len__(self) -> int:
         return len(self.latents)
-
-
-@torch.no_grad()
-def encode_latents(model, images: list[np.ndarray], resolution: int,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled VAE latents of RGB images resized to `resolution`: the distribution's mode, or a
-    sample from it when a generator is given."""
-    pixels = torch.stack([
-        torch.from_numpy(np.asarray(Image.fromarray(im).convert("RGB").resize((resolution, resolution),
-                                                                           Image.Resampling.BICUBIC),
-                                    dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
-        for im in images
-    ]).to(model.device, model.vae.dtype)
-    dists = [model.vae.encode(chunk).latent_dist for chunk in pixels.split(32)]
-    latents = [d.mode() if generator is None else d.sample(generator=generator) for d in dists]
-    return torch.cat(latents) * model.vae.config.scaling_factor
 
 
 # ---------------------------------------------------------------------------- model
@@ -189,9 +175,6 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_constant_schedule_with_warmup
 
-    from components import tracking
-    from components.blip_diffusion import from_preset
-
     cfg = params.train_subject
     frame = read_manifest(root / PAIRS_MANIFEST, PAIRS_SCHEMA)
     if frame.empty:
@@ -206,9 +189,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
     torch.manual_seed(cfg.seed)
     model = from_preset(params.preset, seed=cfg.seed)
     if cfg.qformer:
-        from components.pretrain_qformer import load_qformer
-
-        model.qformer, model.qformer_tokenizer = load_qformer(root / cfg.qformer, model.qformer)
+        model.qformer, model.qformer_tokenizer = layout.load_pretrained_qformer(root / cfg.qformer, model.qformer)
         log.info("subject encoder starts from the pre-trained Q-Former in %s", cfg.qformer)
     model.to(accelerator.device)
     train = PairData(model, train_frame, root, cfg.resolution, cfg.prompt_text)
@@ -269,7 +250,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
     metrics: dict = {}
     samples: dict[str, np.ndarray] = {}
     if accelerator.is_main_process:
-        model.save_pretrained(root / MODEL_DIR)
+        layout.save(model, root / BLIP_DIFFUSION_DIR)
         steps_run = cfg.steps - start
         metrics = {
             "fixed_batch_loss_start": fixed_start,
@@ -287,7 +268,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
         if held_out is not None:
             metrics.update(identification_accuracy(model, train, held_out, cfg))
         samples = _samples(model, train)
-        log.info("wrote %s; %s", MODEL_DIR, {k: metrics[k] for k in metrics if k.startswith(("id_", "loss"))})
+        log.info("wrote %s; %s", BLIP_DIFFUSION_DIR, {k: metrics[k] for k in metrics if k.startswith(("id_", "loss"))})
     training.finish(accelerator)
     return metrics, samples
 
@@ -304,3 +285,10 @@ def _samples(model, data: PairData) -> dict[str, np.ndarray]:
                                    height=model.native_size, width=model.native_size)
             out[subject] = (image[0] * 255).round().astype(np.uint8)
     return out
+
+
+def after_run(root: Path) -> None:
+    """Inside the stage's MLflow run, after its metrics: register the model it wrote."""
+    from components.model import registry
+
+    registry.log_and_register(root / BLIP_DIFFUSION_DIR)

@@ -19,12 +19,12 @@ REGISTERED_NAME = "blip-diffusion"
 
 class BlipDiffusionPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from components.blip_diffusion import load
+        from components.model import layout
 
-        self.model = load(context.artifacts["checkpoint"])
+        self.model = layout.load(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input, params=None):
-        from components.generate import read_subject_images
+        from components.data.images import read_subject_images
 
         steps = int((params or {}).get("num_inference_steps", 50))
         images = []
@@ -46,7 +46,8 @@ def log_and_register(checkpoint: Path, name: str = REGISTERED_NAME) -> str:
         name="model",
         python_model=BlipDiffusionPyfunc(),
         artifacts={"checkpoint": str(checkpoint)},
-        code_paths=[str(Path(__file__).resolve().parent)],
+        # the whole package, so the pyfunc imports `components.model...` where it is loaded
+        code_paths=[str(Path(__file__).resolve().parents[1])],
         pip_requirements=["torch", "diffusers", "transformers", "safetensors", "pillow"],
         registered_model_name=name,
     )

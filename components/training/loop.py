@@ -23,11 +23,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from components.errors import BlipDiffError
+from components.core import tracking
+from components.core.errors import BlipDiffError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_ROOT = Path("models/.checkpoints")
 STOP_AFTER_ENV = "BLIPDIFF_STOP_AFTER_STEP"  # tests: end the run after this step, as a kill would
 
 
@@ -147,9 +147,7 @@ def load_checkpoint(accelerator, ckpt_root: Path, resume: str, config_hash: str,
 
 
 def config_hash(params, section: str) -> str:
-    from components.tracking import params_hash
-
-    return params_hash({"preset": params.preset, section: getattr(params, section).model_dump()})
+    return tracking.params_hash({"preset": params.preset, section: getattr(params, section).model_dump()})
 
 
 def train_loop(accelerator, module, optimizer, lr_schedule, trainable: list, cfg, *, stage: str, start: int,
@@ -163,8 +161,6 @@ def train_loop(accelerator, module, optimizer, lr_schedule, trainable: list, cfg
     samples/s and `log_extra()` go to MLflow against the step. Returns each step's losses
     (averaged over processes) and the seconds spent.
     """
-    from components import tracking
-
     stop_after = stop_after_step()
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()

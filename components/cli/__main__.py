@@ -1,0 +1,7 @@
+"""`python -m components.cli` (as `accelerate launch -m components.cli <stage>` runs it)."""
+
+import sys
+
+from components.cli import main
+
+sys.exit(main())

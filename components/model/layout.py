@@ -1,0 +1,162 @@
+"""The released folder layout of `Salesforce/blipdiffusion`: read and write it.
+
+`save` writes the exact layout (model_index.json naming the reference classes, so the
+reference pipeline can read it too; safetensors weights); `load` reads it with maintained
+classes. The subject encoder's folder (`qformer/`) is also what stage `pretrain_qformer`
+writes, so `load_qformer` reads one on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from components.core.errors import BlipDiffError
+from components.core.io import atomic_path
+from components.model.blip_diffusion import BlipDiffusion
+from components.model.processor import CLIP_MEAN, CLIP_STD, ImageProcessorConfig
+
+log = logging.getLogger(__name__)
+
+BERT_TOKENIZER_ID = "bert-base-uncased"
+FOLDERS = ("qformer", "text_encoder", "tokenizer", "unet", "vae", "scheduler", "image_processor")
+
+# model_index.json as the released checkpoint writes it (reference class names).
+MODEL_INDEX = {
+    "_class_name": "BlipDiffusionPipeline",
+    "_diffusers_version": "0.21.0",
+    "ctx_begin_pos": 2,
+    "image_processor": ["blip_diffusion", "BlipImageProcessor"],
+    "mean": list(CLIP_MEAN),
+    "qformer": ["blip_diffusion", "Blip2QFormerModel"],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "std": list(CLIP_STD),
+    "text_encoder": ["blip_diffusion", "ContextCLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+# -------------------------------------------------------------------- writing
+def save(model: BlipDiffusion, path: str | Path) -> None:
+    """Write the released folder layout (safetensors weights), atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.mkdir(parents=True)
+        model.qformer.save_pretrained(tmp / "qformer", safe_serialization=True)
+        model.qformer_tokenizer.save_pretrained(tmp / "qformer")
+        model.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        model.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        model.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        model.scheduler.save_pretrained(tmp / "scheduler")
+        (tmp / "image_processor").mkdir()
+        (tmp / "image_processor" / "preprocessor_config.json").write_text(
+            json.dumps(model.image_processor.to_json(), indent=2) + "\n")
+        index = dict(MODEL_INDEX, ctx_begin_pos=model.ctx_begin_pos,
+                     mean=list(model.image_processor.mean), std=list(model.image_processor.std))
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# -------------------------------------------------------------------- reading
+def check_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise BlipDiffError(f"{path}: checkpoint folder not found")
+    missing = [f for f in ("model_index.json", *FOLDERS) if not (path / f).exists()]
+    if missing:
+        raise BlipDiffError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+    for sub in ("qformer", "text_encoder", "unet", "vae"):
+        if not any((path / sub).glob("*.safetensors")) and not any((path / sub).glob("*.bin")):
+            raise BlipDiffError(f"{path / sub}: no weights file (*.safetensors)")
+
+
+def load_qformer(folder: Path):
+    """The subject encoder of a `qformer/` folder (released keys converted)."""
+    from safetensors.torch import load_file
+    from transformers import Blip2Config
+
+    from components.model.qformer import (
+        BlipDiffusionQFormer,
+        convert_reference_state_dict,
+    )
+
+    config = Blip2Config.from_pretrained(folder)
+    with torch.device("meta"):
+        model = BlipDiffusionQFormer(config)
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(file))
+    state = convert_reference_state_dict(state)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise BlipDiffError(f"{folder}: weights do not fit the Q-Former (missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]})")
+    return model.eval()
+
+
+def load_qformer_tokenizer(folder: Path):
+    from transformers import BertTokenizer
+
+    # Our folders carry the Q-Former's tokenizer; the released one uses bert-base-uncased.
+    local = any((folder / f).is_file() for f in ("vocab.txt", "tokenizer.json"))
+    source = str(folder) if local else BERT_TOKENIZER_ID
+    tokenizer = BertTokenizer.from_pretrained(source, truncation_side="right")
+    if tokenizer.bos_token is None:
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer
+
+
+def load(path_or_id: str | Path) -> BlipDiffusion:
+    """Load the released layout from a local folder, or a hub id (needs network or the HF cache)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from components.model.text_encoder import ContextCLIPTextModel
+
+    path = Path(path_or_id).expanduser()
+    if not path.exists() and "/" in str(path_or_id) and not str(path_or_id).startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(str(path_or_id)))
+        except Exception as exc:  # offline, unknown id, ...
+            raise BlipDiffError(f"{path_or_id}: not a local folder and not downloadable ({exc})") from None
+    check_folder(path)
+    index = json.loads((path / "model_index.json").read_text())
+    try:
+        model = BlipDiffusion(
+            qformer=load_qformer(path / "qformer"),
+            qformer_tokenizer=load_qformer_tokenizer(path / "qformer"),
+            text_encoder=ContextCLIPTextModel.from_pretrained(path / "text_encoder"),
+            tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
+            unet=UNet2DConditionModel.from_pretrained(path / "unet"),
+            vae=AutoencoderKL.from_pretrained(path / "vae"),
+            scheduler=PNDMScheduler.from_pretrained(path / "scheduler"),
+            image_processor=ImageProcessorConfig.from_json(
+                # the pipeline's mean/std override the processor's, as in the reference
+                {**json.loads((path / "image_processor" / "preprocessor_config.json").read_text()),
+                 **{f"image_{k}": index[k] for k in ("mean", "std") if k in index}}),
+            ctx_begin_pos=int(index.get("ctx_begin_pos", 2)),
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise BlipDiffError(f"{path}: could not load the checkpoint: {exc}") from None
+    return model.to("cpu")
+
+
+def load_pretrained_qformer(folder: Path, like):
+    """A pre-trained Q-Former folder (stage `pretrain_qformer`'s output) and its tokenizer,
+    checked to fit `like` (the preset's Q-Former)."""
+    if not (folder / "config.json").is_file():
+        raise BlipDiffError(f"{folder}: no pre-trained Q-Former here (run `dvc repro pretrain_qformer`, "
+                            "or set train_subject.qformer: null to start from the preset's)")
+    qformer = load_qformer(folder)
+    mine, theirs = like.state_dict(), qformer.state_dict()
+    wrong = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape]
+    if wrong:
+        raise BlipDiffError(f"{folder}: this Q-Former does not fit the preset's architecture "
+                            f"({len(wrong)} tensors differ, e.g. {wrong[0]}); pre-train it with the same preset")
+    return qformer, load_qformer_tokenizer(folder)

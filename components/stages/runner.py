@@ -1,0 +1,61 @@
+"""Runs one DVC stage the way dvc.yaml does (`blipdiff <stage>`): load params.yaml (typed),
+open the stage's MLflow run, do the work, write the metrics JSON that dvc.yaml declares,
+log what it took.
+
+Every stage module in this package has the same face: `SECTIONS` (the params it reads),
+`OUTPUTS` (what it writes, as in dvc.yaml), `run(params, root, **options)` returning its
+metrics and sample images, and optionally `after_run(root)`, called inside its MLflow run
+(train_subject registers its model there). Stages are found by name, so this module
+imports none of them and no stage imports another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from pathlib import Path
+from types import ModuleType
+
+from components.core import tracking
+from components.core.config import load_params
+from components.core.io import write_json
+from components.core.paths import metrics_file
+
+log = logging.getLogger("blipdiff")
+
+# The DVC stages, in pipeline order; each is `components.stages.<name>`.
+STAGES = ("ingest", "context", "pretrain_qformer", "train_subject")
+RESUMABLE = ("pretrain_qformer", "train_subject")  # take --resume
+MACHINE_DEPENDENT = ("seconds_", "samples_per_s", "peak_memory_mb")  # metric name prefixes
+
+
+def stage_module(stage: str) -> ModuleType:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    return importlib.import_module(f"components.stages.{stage}")
+
+
+def run_stage(stage: str, params_path: Path, overrides: list[str], root: Path, **options) -> dict:
+    params = load_params(params_path, overrides)
+    module = stage_module(stage)
+    stage_params = params.model_dump(include=set(module.SECTIONS))
+    start = time.perf_counter()
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Other processes of a multi-process run (accelerate launch) only train.
+        module.run(params, root, **options)
+        return {}
+    with tracking.stage_run(stage, stage_params, root):
+        metrics, samples = module.run(params, root, **options)
+        metrics["seconds_wall"] = round(time.perf_counter() - start, 3)
+        # Timings, throughput and memory go to MLflow only: the DVC metrics file stays the
+        # same bytes for the same params, like every other output.
+        stable = {k: v for k, v in metrics.items() if not k.startswith(MACHINE_DEPENDENT)}
+        write_json(stable, root / metrics_file(stage))
+        tracking.log_metrics(metrics)
+        tracking.log_images(samples)
+        if hasattr(module, "after_run"):
+            module.after_run(root)
+    log.info("%s done in %.1f s; metrics in %s", stage, metrics["seconds_wall"], metrics_file(stage))
+    return metrics
