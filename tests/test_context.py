@@ -71,6 +71,8 @@ def test_context_with_tiny_clipseg_runs_and_is_deterministic(ingested):
 class _FakeSeg:
     """Stands in for CLIPSeg: a flat map (degenerate) for 'ball' subjects, a disc elsewhere."""
 
+    random_weights = False
+
     def __init__(self, *args, **kwargs):
         pass
 
@@ -157,3 +159,69 @@ def test_dreambench_ingest_and_context_end_to_end(tmp_path, dreambench_dir):
     assert set(pairs["mask_source"]) == {"clipseg"}
     row = pairs.iloc[0]
     assert read_rgb(tmp_path / row.input_path).shape == read_rgb(tmp_path / row.target_path).shape
+
+
+class _FindsNothing:
+    """A real CLIPSeg's answer where the subject is not found: low probabilities everywhere,
+    with a faint blob (0.02 to 0.06)."""
+
+    random_weights = False
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, images, texts):
+        maps = []
+        for image in images:
+            h, w = image.shape[:2]
+            yy, xx = np.mgrid[:h, :w]
+            blob = np.exp(-((yy - h / 2) ** 2 + (xx - w / 2) ** 2) / (2 * (h / 5) ** 2))
+            maps.append((0.02 + 0.04 * blob).astype(np.float32))
+        return maps
+
+
+@pytest.mark.parametrize("normalize_probs, preset", [("auto", "blipdiffusion"), (False, "tiny")])
+def test_an_empty_map_from_a_real_clipseg_is_skipped(ingested, monkeypatch, normalize_probs, preset):
+    """With a real CLIPSeg (any preset but tiny), normalize_probs: auto keeps the map's scale:
+    a map that finds nothing is a degenerate trimap, skipped and counted."""
+    import components.context.clipseg
+
+    monkeypatch.setattr(components.context.clipseg, "ClipSeg", _FindsNothing)
+    params = Params(**{**_params(mask_source="clipseg").model_dump(), "preset": preset,
+                       "context": {**_params(mask_source="clipseg").context.model_dump(),
+                                   "normalize_probs": normalize_probs}})
+    with pytest.raises(BlipDiffError, match="every trimap was degenerate"):
+        context.run(params, ingested)
+
+
+def test_normalize_probs_stretches_an_empty_map_when_asked(ingested, monkeypatch):
+    """What auto avoids: rescaled, the same empty map becomes a confident trimap."""
+    import components.context.clipseg
+
+    monkeypatch.setattr(components.context.clipseg, "ClipSeg", _FindsNothing)
+    metrics, _ = context.run(_params(mask_source="clipseg", normalize_probs=True), ingested)
+    assert metrics["pairs_written"] > 0
+
+
+def test_auto_normalizes_the_tiny_random_clipseg_only(ingested, monkeypatch):
+    from components.context import matting
+    from components.context.clipseg import ClipSeg
+
+    seen = []
+    real = matting.trimap_from_probs
+
+    def spy(probs, fg, bg, erode=0, normalize=True):
+        seen.append(normalize)
+        return real(probs, fg, bg, erode, normalize)
+
+    monkeypatch.setattr(matting, "trimap_from_probs", spy)
+    assert ClipSeg("tiny", None, 0).random_weights
+    auto, _ = context.run(_params(mask_source="clipseg", erode=0), ingested)
+    assert auto["pairs_written"] > 0 and set(seen) == {True}
+
+    seen.clear()
+    import components.context.clipseg
+
+    monkeypatch.setattr(components.context.clipseg, "ClipSeg", _FakeSeg)  # random_weights False
+    context.run(_params(mask_source="clipseg"), ingested)
+    assert set(seen) == {False}

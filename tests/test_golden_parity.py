@@ -1,8 +1,13 @@
 """Golden parity with the reference (diffusers 0.32.2's BlipDiffusionPipeline).
 
-tests/fixtures/golden/ was made by scripts/golden/make_golden.py in the reference
+tests/fixtures/golden*/ were made by scripts/golden/make_golden.py in the reference
 environment (see scripts/golden/README.md): a tiny checkpoint in the released layout and
 the reference's outputs on it. Here our loader reads the same folder and must match.
+
+Two checkpoints, as other code saves them: `golden` as the released one (explicit mean/std,
+the Q-Former's vocab.txt in qformer/), `golden_external` as a pipeline constructed with its
+defaults (model_index.json mean/std null: the image processor's own values, here ImageNet's)
+and with the Q-Former's tokenizer named by qformer/config.json (a folder beside qformer/).
 """
 
 import json
@@ -16,22 +21,41 @@ from safetensors.torch import load_file
 
 from components.model.layout import load
 
-GOLDEN = Path(__file__).parent / "fixtures" / "golden"
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN = FIXTURES / "golden"
+
+
+@pytest.fixture(scope="module", params=["golden", "golden_external"])
+def folder(request):
+    return FIXTURES / request.param
 
 
 @pytest.fixture(scope="module")
-def golden():
-    return load_file(GOLDEN / "golden.safetensors"), json.loads((GOLDEN / "inputs.json").read_text())
+def golden(folder):
+    return load_file(folder / "golden.safetensors"), json.loads((folder / "inputs.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load(GOLDEN / "blipdiffusion-tiny")
+def model(folder):
+    return load(folder / "blipdiffusion-tiny")
 
 
 @pytest.fixture(scope="module")
-def reference_image():
-    return Image.open(GOLDEN / "reference.png").convert("RGB")
+def reference_image(folder):
+    return Image.open(folder / "reference.png").convert("RGB")
+
+
+def test_external_checkpoint_is_what_it_says():
+    """The second fixture really has null mean/std, no tokenizer in qformer/, and a processor
+    whose values differ from CLIP's (so using CLIP's defaults would fail the parity below)."""
+    ckpt = FIXTURES / "golden_external" / "blipdiffusion-tiny"
+    index = json.loads((ckpt / "model_index.json").read_text())
+    assert index["mean"] is None and index["std"] is None
+    assert not (ckpt / "qformer" / "vocab.txt").exists()
+    assert json.loads((ckpt / "qformer" / "config.json").read_text())["tokenizer"] == "qformer_tokenizer"
+    processor = json.loads((ckpt / "image_processor" / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == [0.485, 0.456, 0.406]
+    assert load(ckpt).image_processor.mean == (0.485, 0.456, 0.406)
 
 
 def test_preprocessing_matches(model, golden, reference_image):

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from components.core.config import params_preset
-from components.data.images import read_subject_images
+from components.data.images import MAX_PIXELS, read_subject_images
 from components.model.device import resolve_device
 from components.model.presets import PRESETS, from_preset
 from components.training.finetune import FinetuneConfig, FinetuneResult, finetune, save
@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subject-image", nargs="+", type=Path, required=True, help="reference images")
     p.add_argument("--subject", required=True, help="the subject's class, e.g. dog")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_PIXELS,
+                   help="refuse a reference image declaring more pixels, before decoding it")
     p.add_argument("--checkpoint", help="a folder in the released layout, or a hub id")
     p.add_argument("--preset", choices=PRESETS,
                    help="model preset when no --checkpoint (default: params.yaml's, else tiny)")
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> FinetuneResult:
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                          lora_rank=args.lora_rank, seed=args.seed)
     cfg.check()
-    refs = read_subject_images(args.subject_image)
+    refs = read_subject_images(args.subject_image, max_pixels=args.max_image_pixels)
     model = from_preset(args.preset or params_preset(), args.checkpoint, args.seed).to(resolve_device(args.device))
     result = finetune(model, refs, args.subject, cfg)
     save(model, result, cfg, args.subject, args.out)

@@ -19,7 +19,7 @@ from pathlib import Path
 from components.core.config import params_preset
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path
-from components.data.images import read_subject_images, save_png
+from components.data.images import MAX_PIXELS, read_subject_images, save_png
 from components.model import finetuned
 from components.model.blip_diffusion import SCHEDULERS
 from components.model.device import DTYPES, placement
@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     subj.add_argument("--finetuned", type=Path,
                       help="a `blipdiff finetune` folder: its UNet or LoRA and its subject embeddings")
     subj.add_argument("--save-embeddings", type=Path, help="save the subject embeddings here")
+    subj.add_argument("--max-image-pixels", type=int, default=MAX_PIXELS,
+                      help="refuse a reference image declaring more pixels, before decoding it")
     subj.add_argument("--source-subject", help="class of the subject in the reference images")
     subj.add_argument("--target-subject", help="class to draw (default: the source subject)")
     gen = p.add_argument_group("generation")
@@ -93,6 +95,8 @@ def _validate(args) -> None:
 
 def run(args) -> list[dict]:
     _validate(args)
+    # the user's images first: a bad one stops the run before any model is built
+    refs = read_subject_images(args.subject_image, max_pixels=args.max_image_pixels) if args.subject_image else []
     preset = args.preset or params_preset()
     device, dtype = placement(args.device, args.dtype)
     start = time.perf_counter()
@@ -111,7 +115,6 @@ def run(args) -> list[dict]:
             raise BlipDiffError(f"{args.embeddings or args.finetuned}: embeddings of shape {tuple(embeds.shape)} "
                                 f"do not fit this model (expects (1, {expected[0]}, {expected[1]}))")
     else:
-        refs = read_subject_images(args.subject_image)
         source = args.source_subject
         embeds = model.subject_embeddings(refs, source)
         if args.save_embeddings:

@@ -46,6 +46,8 @@ class ClipSeg:
     def __init__(self, preset: str, name_or_path: str | None, seed: int, device: str = "auto"):
         name = name_or_path or PRESET_MODELS[preset]
         self.name = name or "tiny (random weights)"
+        # Random weights: the maps' scale means nothing (context.normalize_probs: auto rescales them).
+        self.random_weights = name is None
         self.device = resolve_device(device)
         model, self.processor = tiny_clipseg.build_clipseg(seed) if name is None else load_pretrained(name)
         self.model = model.to(self.device).eval()

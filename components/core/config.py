@@ -56,6 +56,8 @@ class IngestConfig(_Section):
     max_side: int = Field(512, ge=32, le=8192)
     # The stage fails when more than this share of candidate files is unreadable.
     max_skipped_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    # Images declaring more pixels are skipped (too_large) before they are decoded.
+    max_image_pixels: int = Field(100_000_000, ge=1)
     # The last N images of each subject (in sorted order) form the held-out "test" split.
     test_views_per_subject: int = Field(1, ge=0)
     synthetic: SyntheticSourceConfig = SyntheticSourceConfig()
@@ -78,9 +80,11 @@ class ContextConfig(_Section):
     # a local directory or hub id overrides it.
     clipseg_model: str | None = None
     clipseg_batch_size: int = Field(8, ge=1, le=256)
-    # Rescale each probability map to [0, 1] before thresholding (CLIPSeg is often
-    # under-confident, and a random tiny CLIPSeg is always).
-    normalize_probs: bool = True
+    # Rescale each probability map to [0, 1] before thresholding. auto: only for the tiny
+    # preset's random CLIPSeg, whose maps are meaningless in scale; a real CLIPSeg's map that
+    # finds nothing must stay empty (a skipped, degenerate trimap), not be stretched into a
+    # confident one.
+    normalize_probs: bool | Literal["auto"] = "auto"
     fg_threshold: float = Field(0.7, gt=0.0, lt=1.0)
     bg_threshold: float = Field(0.3, gt=0.0, lt=1.0)
     erode: int = Field(2, ge=0, le=64)  # shrink the known regions by this many pixels

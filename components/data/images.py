@@ -8,7 +8,7 @@ array, plus the alpha channel when the file carried a real one.
 from __future__ import annotations
 
 import hashlib
-import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +21,13 @@ from components.core.errors import BlipDiffError
 NOT_AN_IMAGE = "not_an_image"
 CORRUPT = "corrupt"
 TRUNCATED = "truncated"
+TOO_LARGE = "too_large"
 DUPLICATE = "duplicate"
 EMPTY_SUBJECT = "empty_subject"
+
+# Images with more pixels are refused before they are decoded: a small file can declare a
+# huge canvas (a "decompression bomb"); 100 Mpx is twice a 48 Mpx phone photo.
+MAX_PIXELS = 100_000_000
 
 
 class SkipImage(Exception):
@@ -50,22 +55,40 @@ def pixel_hash(rgb: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _open(path: Path) -> Image.Image:
+@contextmanager
+def _own_pixel_limit():
+    """Pillow's process-wide decompression-bomb check off: `_open` checks the declared size
+    against its own limit, before any pixel is decoded, with a message that says so."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        image = Image.open(path)
-    except UnidentifiedImageError:
-        raise SkipImage(NOT_AN_IMAGE, f"{path}: not a recognised image format") from None
-    except OSError as exc:
-        raise SkipImage(CORRUPT, f"{path}: {exc}") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _open(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    with _own_pixel_limit():
+        try:
+            image = Image.open(path)  # reads the header only
+        except UnidentifiedImageError:
+            raise SkipImage(NOT_AN_IMAGE, f"{path}: not a recognised image format") from None
+        except OSError as exc:
+            raise SkipImage(CORRUPT, f"{path}: {exc}") from None
+        except Exception as exc:  # some decoders fail on a bad header with other errors
+            raise SkipImage(CORRUPT, f"{path}: {type(exc).__name__}: {exc}") from None
+        width, height = image.size
+        if width * height > max_pixels:
+            image.close()
+            raise SkipImage(TOO_LARGE, f"{path}: {width}x{height} pixels, more than the limit of "
+                                       f"{max_pixels:,} (not decoded)")
+        try:
             image.load()
-    except OSError as exc:
-        reason = TRUNCATED if "truncated" in str(exc).lower() else CORRUPT
-        raise SkipImage(reason, f"{path}: {exc}") from None
-    except Exception as exc:  # decoders raise SyntaxError, ValueError, zlib errors...
-        raise SkipImage(CORRUPT, f"{path}: {type(exc).__name__}: {exc}") from None
+        except OSError as exc:
+            reason = TRUNCATED if "truncated" in str(exc).lower() else CORRUPT
+            raise SkipImage(reason, f"{path}: {exc}") from None
+        except Exception as exc:  # decoders raise SyntaxError, ValueError, zlib errors...
+            raise SkipImage(CORRUPT, f"{path}: {type(exc).__name__}: {exc}") from None
     return image
 
 
@@ -96,9 +119,10 @@ def to_rgb(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     return rgb, alpha
 
 
-def load_image(path: Path, max_side: int) -> LoadedImage:
-    """Open, check, orient (EXIF), convert to RGB and cap the longest side at `max_side`."""
-    image = _open(path)
+def load_image(path: Path, max_side: int, max_pixels: int = MAX_PIXELS) -> LoadedImage:
+    """Open, check, orient (EXIF), convert to RGB and cap the longest side at `max_side`;
+    a file of more than `max_pixels` pixels is refused before it is decoded."""
+    image = _open(path, max_pixels)
     image = ImageOps.exif_transpose(image)
     rgb, alpha = to_rgb(image)
     return cap_size(LoadedImage(rgb=np.ascontiguousarray(rgb), alpha=alpha), max_side)
@@ -137,12 +161,12 @@ def read_alpha(path: Path) -> np.ndarray:
         return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
 
 
-def read_subject_images(paths: list[Path], max_side: int = 1024) -> list[np.ndarray]:
-    """A user's reference images as RGB arrays; an unreadable one is a clear error."""
+def read_subject_images(paths: list[Path], max_side: int = 1024, max_pixels: int = MAX_PIXELS) -> list[np.ndarray]:
+    """A user's reference images as RGB arrays; an unreadable or too large one is a clear error."""
     refs = []
     for path in paths:
         try:
-            refs.append(load_image(path, max_side=max_side).rgb)
+            refs.append(load_image(path, max_side=max_side, max_pixels=max_pixels).rgb)
         except (SkipImage, OSError) as exc:
             raise BlipDiffError(f"subject image {exc}") from None
     return refs

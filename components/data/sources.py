@@ -95,7 +95,7 @@ def folder_candidates(
                 subject_id=subject_id,
                 class_name=class_name,
                 source_path=str(path),
-                load=lambda p=path: images.load_image(p, cfg.max_side),
+                load=lambda p=path: images.load_image(p, cfg.max_side, cfg.max_image_pixels),
                 category=category(folder.name),
             )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -98,15 +99,75 @@ def load_qformer(folder: Path):
     return model.eval()
 
 
-def load_qformer_tokenizer(folder: Path):
+TOKENIZER_FILES = ["vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_tokenizer(name: str, folder: Path) -> Path:
+    """A hub tokenizer from the local cache, else downloaded; offline, one clear error at once
+    (transformers would retry for minutes, then hand back a 5-token tokenizer that maps every
+    subject word to [UNK])."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=TOKENIZER_FILES, local_files_only=True))
+    except Exception:  # not in the cache
+        pass
+    where = (f"download it while online (`hf download {name} vocab.txt tokenizer_config.json`), put its "
+             f"vocab.txt in {folder}, or set `tokenizer` in {folder / 'config.json'} to a local folder")
+    if _hub_offline():
+        raise BlipDiffError(f"{folder}: the Q-Former's tokenizer {name!r} is not in the local Hugging Face cache "
+                            f"and HF_HUB_OFFLINE is set; {where}")
+    try:  # one quick request: without network this fails in well under a second, with no retries
+        HfApi().model_info(name, timeout=10)
+        return Path(snapshot_download(name, allow_patterns=TOKENIZER_FILES))
+    except Exception as exc:
+        raise BlipDiffError(f"{folder}: the Q-Former's tokenizer {name!r} could not be fetched from the hub "
+                            f"({type(exc).__name__}); {where}") from None
+
+
+def qformer_tokenizer_source(folder: Path) -> Path:
+    """Where a `qformer/` folder's tokenizer is, as the reference decides it, made explicit:
+    the folder's own tokenizer files; else `qformer/config.json`'s `tokenizer` (a path
+    relative to the checkpoint or to the folder, an absolute path, or a hub id); else
+    bert-base-uncased, as the released checkpoint."""
+    if any((folder / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
+        return folder
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    name = config.get("tokenizer") or BERT_TOKENIZER_ID
+    path = Path(name).expanduser()
+    candidates = [path] if path.is_absolute() else [folder.parent / path, folder / path]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve()
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        raise BlipDiffError(f"{folder / 'config.json'}: tokenizer {name!r} not found (looked in "
+                            f"{', '.join(str(c) for c in candidates)})")
+    return _hub_tokenizer(name, folder)
+
+
+def load_qformer_tokenizer(folder: Path, vocab_size: int | None = None):
+    """The Q-Former's BERT tokenizer, with BLIP-2's [DEC] start token; refused when its
+    vocabulary does not fit the Q-Former's word embeddings (`vocab_size` rows)."""
     from transformers import BertTokenizer
 
-    # Our folders carry the Q-Former's tokenizer; the released one uses bert-base-uncased.
-    local = any((folder / f).is_file() for f in ("vocab.txt", "tokenizer.json"))
-    source = str(folder) if local else BERT_TOKENIZER_ID
-    tokenizer = BertTokenizer.from_pretrained(source, truncation_side="right")
+    source = qformer_tokenizer_source(folder)
+    try:
+        tokenizer = BertTokenizer.from_pretrained(str(source), truncation_side="right")
+    except (OSError, ValueError) as exc:
+        raise BlipDiffError(f"{source}: not a BERT tokenizer ({exc})") from None
     if tokenizer.bos_token is None:
         tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    if vocab_size is not None and len(tokenizer) != vocab_size:
+        raise BlipDiffError(f"{source}: the tokenizer has {len(tokenizer)} tokens ([DEC] included) but the "
+                            f"Q-Former in {folder} has {vocab_size} word embeddings: not the tokenizer it was "
+                            "trained with")
     return tokenizer
 
 
@@ -128,9 +189,10 @@ def load(path_or_id: str | Path) -> BlipDiffusion:
     check_folder(path)
     index = json.loads((path / "model_index.json").read_text())
     try:
+        qformer = load_qformer(path / "qformer")
         model = BlipDiffusion(
-            qformer=load_qformer(path / "qformer"),
-            qformer_tokenizer=load_qformer_tokenizer(path / "qformer"),
+            qformer=qformer,
+            qformer_tokenizer=load_qformer_tokenizer(path / "qformer", qformer.config.qformer_config.vocab_size),
             text_encoder=ContextCLIPTextModel.from_pretrained(path / "text_encoder"),
             tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
             unet=UNet2DConditionModel.from_pretrained(path / "unet"),
@@ -139,7 +201,8 @@ def load(path_or_id: str | Path) -> BlipDiffusion:
             image_processor=ImageProcessorConfig.from_json(
                 # the pipeline's mean/std override the processor's, as in the reference
                 {**json.loads((path / "image_processor" / "preprocessor_config.json").read_text()),
-                 **{f"image_{k}": index[k] for k in ("mean", "std") if k in index}}),
+                 # null (the reference's default) means the processor's own values
+                 **{f"image_{k}": index[k] for k in ("mean", "std") if index.get(k) is not None}}),
             ctx_begin_pos=int(index.get("ctx_begin_pos", 2)),
         )
     except (OSError, ValueError, KeyError) as exc:
@@ -159,4 +222,4 @@ def load_pretrained_qformer(folder: Path, like):
     if wrong:
         raise BlipDiffError(f"{folder}: this Q-Former does not fit the preset's architecture "
                             f"({len(wrong)} tensors differ, e.g. {wrong[0]}); pre-train it with the same preset")
-    return qformer, load_qformer_tokenizer(folder)
+    return qformer, load_qformer_tokenizer(folder, qformer.config.qformer_config.vocab_size)

@@ -25,7 +25,7 @@ from components.core.errors import BlipDiffError
 from components.core.io import atomic_path
 from components.core.paths import CONTEXT_DIR, PAIRS_MANIFEST, SUBJECTS_MANIFEST
 from components.data.backgrounds import procedural_background
-from components.data.images import alpha_to_uint8, read_alpha, read_rgb, save_png
+from components.data.images import SkipImage, alpha_to_uint8, load_image, read_alpha, read_rgb, save_png
 from components.data.manifests import (
     PAIRS_SCHEMA,
     SUBJECTS_SCHEMA,
@@ -41,18 +41,34 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 class Backgrounds:
-    """The background pool: procedural (by default) or a folder of images, fitted to size."""
+    """The background pool: procedural (by default) or a folder of images, fitted to size.
+
+    Folder images are checked once at the start as ingest checks subject photos: a file
+    that cannot be read (not an image, corrupt, truncated) or is too large is skipped,
+    logged and counted (`skipped`), so no composite depends on a broken file."""
+
+    MAX_SIDE = 4096  # a background is fitted to the subject image, never larger than this
 
     def __init__(self, cfg: ContextConfig, root: Path):
         self.seed = cfg.seed
         self.files: list[Path] = []
+        self.skipped: Counter = Counter()
         if cfg.background_source == "folder":
             folder = (root / cfg.background_dir).resolve()
             if not folder.is_dir():
                 raise BlipDiffError(f"context.background_dir: {folder} not found")
-            self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            for path in candidates:
+                try:
+                    load_image(path, self.MAX_SIDE)
+                except SkipImage as skip:
+                    self.skipped[skip.reason] += 1
+                    log.warning("skipped background %s", skip)
+                    continue
+                self.files.append(path)
             if not self.files:
-                raise BlipDiffError(f"context.background_dir: no images in {folder}")
+                raise BlipDiffError(f"context.background_dir: no readable images in {folder} "
+                                    f"({len(candidates)} candidates, skipped: {dict(self.skipped)})")
             self.ids = [p.relative_to(folder).as_posix() for p in self.files]
         else:
             self.ids = [f"procedural-{i:04d}" for i in range(cfg.background_pool_size)]
@@ -60,14 +76,13 @@ class Backgrounds:
     def get(self, index: int, height: int, width: int) -> np.ndarray:
         if not self.files:
             return procedural_background(np.random.default_rng([self.seed, index]), height, width)
-        with Image.open(self.files[index]) as image:
-            image = image.convert("RGB")
-            # Cover the target size, then centre-crop: no stretching, no borders.
-            scale = max(width / image.width, height / image.height)
-            size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.LANCZOS)
-            left, top = (size[0] - width) // 2, (size[1] - height) // 2
-            return np.asarray(image.crop((left, top, left + width, top + height)))
+        image = Image.fromarray(load_image(self.files[index], self.MAX_SIDE).rgb)
+        # Cover the target size, then centre-crop: no stretching, no borders.
+        scale = max(width / image.width, height / image.height)
+        size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+        left, top = (size[0] - width) // 2, (size[1] - height) // 2
+        return np.asarray(image.crop((left, top, left + width, top + height)))
 
 
 @dataclass
@@ -115,6 +130,9 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
         t = time.perf_counter()
         segmenter = ClipSeg(params.preset, cfg.clipseg_model, cfg.seed, cfg.device)
         stats.timed("clipseg_load", t)
+    normalize = cfg.normalize_probs
+    if normalize == "auto":
+        normalize = segmenter is not None and segmenter.random_weights
 
     rows: list[dict] = []
     samples: dict[str, np.ndarray] = {}
@@ -130,7 +148,7 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
                 index = start + offset
                 truth = read_alpha(root / record.mask_path) if isinstance(record.mask_path, str) else None
                 new_rows = _context_pairs(
-                    cfg, index, record, rgb, prob, truth, source, backgrounds, stats, tmp_dir, samples
+                    cfg, index, record, rgb, prob, truth, source, backgrounds, stats, tmp_dir, samples, normalize
                 )
                 rows.extend(new_rows)
                 bar.update(1)
@@ -155,6 +173,9 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
         "ground_truth_trimaps": sources.count("ground_truth"),
         "clipseg_trimaps": sources.count("clipseg"),
     }
+    if cfg.background_source == "folder":
+        metrics["backgrounds_used"] = len(backgrounds.files)
+        metrics["backgrounds_skipped"] = int(sum(backgrounds.skipped.values()))
     if stats.sad:
         metrics["alpha_sad_mean"] = float(np.mean(stats.sad))
         metrics["alpha_mse_mean"] = float(np.mean(stats.mse))
@@ -188,6 +209,7 @@ def _context_pairs(
     stats: ContextStats,
     tmp_dir: Path,
     samples: dict[str, np.ndarray],
+    normalize: bool,
 ) -> list[dict]:
     """Trimap, matting and K composites of one image; [] when its trimap is degenerate."""
     t = time.perf_counter()
@@ -195,7 +217,7 @@ def _context_pairs(
         trimap = matting.trimap_from_alpha(truth, cfg.gt_band)
     else:
         trimap = matting.trimap_from_probs(
-            prob, cfg.fg_threshold, cfg.bg_threshold, cfg.erode, cfg.normalize_probs
+            prob, cfg.fg_threshold, cfg.bg_threshold, cfg.erode, normalize
         )
     stats.unknown_fractions.append(matting.unknown_fraction(trimap))
     reason = matting.degenerate_reason(trimap, cfg.min_region_fraction)

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 SECTIONS = ("ingest",)  # the params this stage reads (dvc.yaml `params`)
 OUTPUTS = (SUBJECTS_DIR, SUBJECTS_MANIFEST)
-# Reasons that count towards ingest.max_skipped_fraction (duplicates are not failures).
+# Reasons that count towards ingest.max_skipped_fraction: files that could not be read.
+# Duplicates, too large images and empty subjects are skipped and reported, not counted.
 UNREADABLE = (images.NOT_AN_IMAGE, images.CORRUPT, images.TRUNCATED)
 
 
@@ -117,9 +118,12 @@ def ingest_subjects(cfg: IngestConfig, root: Path) -> tuple[dict, dict[str, np.n
         if not rows:
             raise BlipDiffError(f"ingest ({cfg.source}): no usable image found ({dict(skipped)})")
         if fraction > cfg.max_skipped_fraction:
+            counted = ", ".join(f"{r} {skipped[r]}" for r in UNREADABLE if skipped[r])
+            other = ", ".join(f"{r} {n}" for r, n in sorted(skipped.items()) if r not in UNREADABLE and n)
             raise BlipDiffError(
-                f"ingest: {unreadable} of {found} files unreadable ({fraction:.1%}), more than "
-                f"ingest.max_skipped_fraction={cfg.max_skipped_fraction}: {dict(skipped)}"
+                f"ingest: {unreadable} of {found} files unreadable ({counted}; {fraction:.1%}), more than "
+                f"ingest.max_skipped_fraction={cfg.max_skipped_fraction}"
+                + (f" (also skipped, not counted: {other})" if other else "")
             )
         assign_splits(rows, cfg.test_views_per_subject)
         for name, data in extra_files.items():
@@ -137,7 +141,7 @@ def ingest_subjects(cfg: IngestConfig, root: Path) -> tuple[dict, dict[str, np.n
         "skipped_total": int(sum(skipped.values())),
         "unreadable_fraction": round(fraction, 6),
     }
-    for reason in (*UNREADABLE, images.DUPLICATE, images.EMPTY_SUBJECT):
+    for reason in (*UNREADABLE, images.TOO_LARGE, images.DUPLICATE, images.EMPTY_SUBJECT):
         metrics[f"skipped_{reason}"] = int(skipped[reason])
     return metrics, sample_images(frame, root)
 

@@ -77,6 +77,16 @@ from transformers.models.clip.tokenization_clip import bytes_to_unicode  # noqa:
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO_ROOT / "tests" / "fixtures" / "golden"
 CKPT_NAME = "blipdiffusion-tiny"
+# Variants of the checkpoint, as other code saves it:
+# - released: model_index.json with explicit mean/std (as the released checkpoint), the
+#   Q-Former's vocab.txt copied into qformer/;
+# - external: the pipeline constructed with its default mean/std (model_index.json: null, so
+#   the image processor's own values apply; here ImageNet's, not CLIP's) and the Q-Former's
+#   tokenizer named by qformer/config.json `tokenizer` (a folder beside qformer/), none in qformer/.
+VARIANTS = {"released": DEFAULT_OUT, "external": REPO_ROOT / "tests" / "fixtures" / "golden_external"}
+EXTERNAL_TOKENIZER_DIR = "qformer_tokenizer"
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
 
 EXPECTED_VERSIONS = {"diffusers": "0.32.2", "transformers": "4.44.2"}
 
@@ -210,7 +220,7 @@ def perturb_(module: torch.nn.Module, seed: int, std: float = PERTURB_STD) -> No
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
 
 
-def build_pipeline(work: Path) -> BlipDiffusionPipeline:
+def build_pipeline(work: Path, variant: str = "released") -> BlipDiffusionPipeline:
     tok_dir = work / "_tok"
     tok_dir.mkdir(parents=True, exist_ok=True)
     bert_vocab = tok_dir / "vocab.txt"
@@ -311,11 +321,15 @@ def build_pipeline(work: Path) -> BlipDiffusionPipeline:
         steps_offset=1,
     )
 
+    external = variant == "external"
     image_processor = BlipImageProcessor(
         size={"height": VISION_IMAGE_SIZE, "width": VISION_IMAGE_SIZE},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
+        image_mean=IMAGENET_MEAN if external else CLIP_MEAN,
+        image_std=IMAGENET_STD if external else CLIP_STD,
     )
+    if external:
+        # saved into qformer/config.json; the reference resolves it when it constructs the Q-Former
+        qformer.config.tokenizer = EXTERNAL_TOKENIZER_DIR
 
     pipe = BlipDiffusionPipeline(
         tokenizer=tokenizer,
@@ -326,8 +340,8 @@ def build_pipeline(work: Path) -> BlipDiffusionPipeline:
         qformer=qformer,
         image_processor=image_processor,
         ctx_begin_pos=2,
-        mean=CLIP_MEAN,
-        std=CLIP_STD,
+        mean=None if external else CLIP_MEAN,
+        std=None if external else CLIP_STD,
     )
     return pipe
 
@@ -354,9 +368,20 @@ def _sha256(t: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def run_reference(ckpt_dir: Path, ref_png: Path, bert_vocab: Path):
-    with _PatchedBertFromPretrained(bert_vocab):
-        pipe = BlipDiffusionPipeline.from_pretrained(str(ckpt_dir))
+def run_reference(ckpt_dir: Path, ref_png: Path, bert_vocab: Path, variant: str = "released"):
+    if variant == "external":
+        # qformer/config.json names the tokenizer folder relative to the checkpoint; the
+        # reference resolves it against the working directory
+        cwd = os.getcwd()
+        os.chdir(ckpt_dir)
+        try:
+            pipe = BlipDiffusionPipeline.from_pretrained(str(ckpt_dir))
+        finally:
+            os.chdir(cwd)
+        assert pipe.config.mean is None and pipe.config.std is None
+    else:
+        with _PatchedBertFromPretrained(bert_vocab):
+            pipe = BlipDiffusionPipeline.from_pretrained(str(ckpt_dir))
     pipe.set_progress_bar_config(disable=True)
     pipe.to("cpu")
     for name in ("qformer", "text_encoder", "unet", "vae"):
@@ -557,7 +582,7 @@ def _json_default(o):
     return str(o)
 
 
-def generate(out_dir: Path) -> dict[str, torch.Tensor]:
+def generate(out_dir: Path, variant: str = "released") -> dict[str, torch.Tensor]:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -567,15 +592,18 @@ def generate(out_dir: Path) -> dict[str, torch.Tensor]:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        pipe = build_pipeline(tmp)
+        pipe = build_pipeline(tmp, variant)
         pipe.save_pretrained(str(ckpt_dir), safe_serialization=True)
-        shutil.copyfile(tmp / "_tok" / "vocab.txt", ckpt_dir / "qformer" / "vocab.txt")
+        tokenizer_dir = ckpt_dir / (EXTERNAL_TOKENIZER_DIR if variant == "external" else "qformer")
+        tokenizer_dir.mkdir(exist_ok=True)
+        shutil.copyfile(tmp / "_tok" / "vocab.txt", tokenizer_dir / "vocab.txt")
         del pipe
 
     ref_png = out_dir / "reference.png"
     make_reference_image().save(ref_png, format="PNG", optimize=False)
 
-    tensors, info = run_reference(ckpt_dir, ref_png, ckpt_dir / "qformer" / "vocab.txt")
+    tokenizer_dir = ckpt_dir / (EXTERNAL_TOKENIZER_DIR if variant == "external" else "qformer")
+    tensors, info = run_reference(ckpt_dir, ref_png, tokenizer_dir / "vocab.txt", variant)
 
     save_file(tensors, str(out_dir / "golden.safetensors"), metadata={"generator": "scripts/golden/make_golden.py"})
 
@@ -603,9 +631,13 @@ def generate(out_dir: Path) -> dict[str, torch.Tensor]:
             "latents": None,
             "output_type": p["output_type"],
         },
+        "variant": variant,
         "ctx_begin_pos": 2,
-        "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD,
+        "image_mean": IMAGENET_MEAN if variant == "external" else CLIP_MEAN,
+        "image_std": IMAGENET_STD if variant == "external" else CLIP_STD,
+        "model_index_mean_std": None if variant == "external" else "explicit (CLIP's)",
+        "qformer_tokenizer": (f"qformer/config.json tokenizer={EXTERNAL_TOKENIZER_DIR!r} (relative to the checkpoint)"
+                              if variant == "external" else "qformer/vocab.txt"),
         "vision_image_size": VISION_IMAGE_SIZE,
         "num_query_tokens": NUM_QUERY_TOKENS,
         "build_seeds": {"torch.manual_seed before each component": [SEED, SEED + 10, SEED + 20, SEED + 30],
@@ -645,7 +677,10 @@ def generate(out_dir: Path) -> dict[str, torch.Tensor]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--variant", choices=sorted(VARIANTS), default="released",
+                    help="released: explicit mean/std, tokenizer in qformer/; external: default (null) "
+                         "mean/std and the tokenizer named by qformer/config.json")
+    ap.add_argument("--out", type=Path, help="default: tests/fixtures/golden (released) or golden_external")
     ap.add_argument("--check-determinism", action="store_true",
                     help="generate twice into temp dirs and compare all golden tensors bit-for-bit")
     args = ap.parse_args(argv)
@@ -657,7 +692,7 @@ def main(argv=None) -> int:
 
     if args.check_determinism:
         with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
-            ta, tb = generate(Path(a)), generate(Path(b))
+            ta, tb = generate(Path(a), args.variant), generate(Path(b), args.variant)
             bad = [k for k in ta if not torch.equal(ta[k], tb[k])]
             ha = hashlib.sha256((Path(a) / "golden.safetensors").read_bytes()).hexdigest()
             hb = hashlib.sha256((Path(b) / "golden.safetensors").read_bytes()).hexdigest()
@@ -668,7 +703,8 @@ def main(argv=None) -> int:
             print("deterministic: OK")
         return 0
 
-    tensors = generate(args.out)
+    args.out = args.out or VARIANTS[args.variant]
+    tensors = generate(args.out, args.variant)
     total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"wrote {args.out} ({total / 1e6:.2f} MB)")
     for k, v in tensors.items():
