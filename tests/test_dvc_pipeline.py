@@ -25,3 +25,23 @@ def test_dvc_repro_context_then_nothing_to_do(checkout):
     assert "didn't change" in out or "up to date" in out.lower()
     assert (work / paths.PAIRS_MANIFEST).stat().st_mtime_ns == mtime
     assert "up to date" in _sh("dvc status context", work, env).lower()
+
+
+def test_push_to_the_default_remote_and_pull_into_a_fresh_clone(checkout, tmp_path):
+    """The default remote is a folder beside the repository: `dvc push` from one clone and
+    `dvc pull` in another gives the same data, hash for hash."""
+    work, env = checkout
+    _sh("dvc repro ingest && dvc push", work, env)
+    remote = (work / ".." / "blipdiff-dvc-remote").resolve()
+    assert remote.is_dir() and any(remote.rglob("*"))
+    clone = tmp_path / "clone"
+    _sh(f"git add -A && git -c user.name=t -c user.email=t@t commit -qm ingest && git clone -q {work} {clone}",
+        work, env)
+    assert not (clone / paths.SUBJECTS_MANIFEST).exists()
+    # both clones sit in one folder, so their default remotes are the same folder
+    assert _sh("dvc config remote.local.url", clone, env).strip() == str(remote)
+    _sh("dvc pull ingest", clone, env)
+    assert (clone / paths.SUBJECTS_MANIFEST).read_bytes() == (work / paths.SUBJECTS_MANIFEST).read_bytes()
+    assert "up to date" in _sh("dvc status ingest", clone, env).lower()
+    # metrics are in git, not in the remote: the clone has them without a pull
+    assert (clone / paths.metrics_file("ingest")).is_file()

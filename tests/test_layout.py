@@ -127,13 +127,15 @@ def test_stage_lists_agree_with_dvc_yaml():
 
 @pytest.mark.parametrize("stage", runner.STAGES)
 def test_outputs_params_and_metrics_defined_once(stage):
-    """dvc.yaml's outs, params and metrics of a stage are the ones its module declares."""
+    """dvc.yaml's outs, params, metrics and plots of a stage are the ones its module declares."""
     module = runner.stage_module(stage)
     spec = _dvc()[stage]
     assert spec["cmd"] == f"blipdiff {stage}"
     assert spec["outs"] == [p.as_posix() for p in module.OUTPUTS]
     assert spec["params"] == list(module.SECTIONS)
-    assert spec["metrics"] == [paths.metrics_file(stage).as_posix()]
+    # metrics and curves: small, machine-independent, committed to git for `dvc metrics/plots diff`
+    assert spec["metrics"] == [{paths.metrics_file(stage).as_posix(): {"cache": False}}]
+    assert spec.get("plots", []) == [{p.as_posix(): {"cache": False}} for p in getattr(module, "PLOTS", ())]
 
 
 def test_stage_help_imports_no_model_code():

@@ -99,6 +99,9 @@ def test_resumed_run_ends_with_the_same_weights_and_folder_loads(subjects_root, 
     folder_a, folder_b = a / paths.QFORMER_DIR, b / paths.QFORMER_DIR
     wa, wb = load_file(folder_a / "model.safetensors"), load_file(folder_b / "model.safetensors")
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+    curve = paths.curve_file("pretrain_qformer")
+    assert (a / curve).read_bytes() == (b / curve).read_bytes()
+    assert (a / curve).read_text().splitlines()[0] == "step,itc,itm,itg,loss,lr"
     heads = load_file(folder_a / pretrain_qformer.HEADS_FILE)
     assert {"temp", "itm_head.weight", "vision_proj.weight", "text_proj.weight", "lm_bias"} <= heads.keys()
 

@@ -65,6 +65,11 @@ def test_resumed_run_ends_with_the_same_weights(pairs_root, tmp_path, monkeypatc
         assert wa[part].keys() == wb[part].keys()
         for key in wa[part]:
             assert (wa[part][key] == wb[part][key]).all(), f"{part}.{key}"
+    # the DVC plot: one row per logged step, the whole curve after a resume too
+    curve = paths.curve_file("train_subject")
+    assert (a / curve).read_bytes() == (b / curve).read_bytes()
+    assert (a / curve).read_text().splitlines()[0] == "step,loss,lr"
+    assert len((a / curve).read_text().splitlines()) == 1 + 4
 
     with pytest.raises(BlipDiffError, match="checkpoint was made with other train_subject/preset params"):
         train_subject.run(_params(learning_rate=1e-3), b, resume="latest")

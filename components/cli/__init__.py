@@ -1,4 +1,5 @@
-"""`blipdiff`: one subcommand per pipeline stage (what dvc.yaml runs), plus `generate` and `finetune`.
+"""`blipdiff`: one subcommand per pipeline stage (what dvc.yaml runs), plus `generate`, `finetune`
+and `register`.
 
 A user error prints one line `blipdiff <command>: error: ...` and exits with status 2.
 Only the chosen subcommand's arguments are built, so `blipdiff ingest --help` imports no
@@ -22,6 +23,7 @@ RESUMABLE = ("pretrain_qformer", "train_subject")
 TOOLS = {
     "generate": "zero-shot subject-driven generation (batched)",
     "finetune": "fine-tune on one subject (full UNet or LoRA)",
+    "register": "register a trained model folder in the MLflow registry (no retraining)",
 }
 
 
@@ -31,6 +33,10 @@ def _tool(name: str):
         from components.cli import generate
 
         return generate
+    if name == "register":
+        from components.cli import register
+
+        return register
     from components.cli import finetune
 
     return finetune
@@ -76,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,  # the entry point owns logging; writes to the stderr of this call
     )
     for noisy in ("alembic", "urllib3", "httpx", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

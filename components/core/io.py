@@ -31,6 +31,18 @@ def atomic_path(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+def round_floats(data: Any, digits: int = 6) -> Any:
+    """Floats (also inside dicts and lists) to `digits` significant digits: metrics files keep
+    the same bytes across machines, whose float arithmetic differs in the last bits."""
+    if isinstance(data, float):
+        return float(f"{data:.{digits}g}")
+    if isinstance(data, dict):
+        return {k: round_floats(v, digits) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [round_floats(v, digits) for v in data]
+    return data
+
+
 def write_json(data: dict[str, Any], path: Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

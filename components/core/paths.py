@@ -27,5 +27,10 @@ def metrics_file(stage: str) -> Path:
     return METRICS_DIR / f"{stage}.json"
 
 
+def curve_file(stage: str) -> Path:
+    """A training stage's curve (step, losses, learning rate): its DVC plot."""
+    return METRICS_DIR / f"{stage}_curve.csv"
+
+
 def checkpoint_dir(stage: str) -> Path:
     return CHECKPOINTS_DIR / stage

@@ -1,8 +1,10 @@
 """MLflow tracking shared by every stage: one run per stage execution.
 
-Defaults keep everything inside the repo (sqlite `mlflow.db`, artifacts under
-`mlartifacts/`, both git-ignored) so `mlflow ui --backend-store-uri sqlite:///mlflow.db`
-shows the history with no server. `MLFLOW_TRACKING_URI` and `MLFLOW_EXPERIMENT_NAME`
+Defaults keep everything inside the repository's main working tree (sqlite `mlflow.db`,
+artifacts under `mlartifacts/`, both git-ignored; also for runs in DVC experiments'
+temporary copies) so `mlflow ui --backend-store-uri sqlite:///mlflow.db` shows the history
+with no server. A tracking store that fails (server down, sqlite locked) never stops a stage:
+writes are retried, kept, and written at the end of the run. `MLFLOW_TRACKING_URI` and `MLFLOW_EXPERIMENT_NAME`
 override them; `BLIPDIFF_PARENT_RUN_ID` nests the run under a parent run (the Prefect
 flow sets it for the `dvc repro` it drives).
 """
@@ -14,9 +16,11 @@ import json
 import logging
 import os
 import subprocess
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -26,8 +30,25 @@ PARENT_RUN_ENV = "BLIPDIFF_PARENT_RUN_ID"
 DEFAULT_EXPERIMENT = "blip-diffusion"
 
 
+def store_root(root: Path) -> Path:
+    """Where the default store lives: the main working tree of the repository, also when a
+    stage runs in a DVC experiment's temporary copy (`dvc exp run --temp` / `--queue`: DVC
+    sets DVC_ROOT to the parent repository) or in a git worktree."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    try:
+        out = subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        common = Path(out)
+        if common.name == ".git":
+            return common.parent
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return root.resolve()
+
+
 def tracking_uri(root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root(root) / 'mlflow.db'}"
 
 
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -57,6 +78,30 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
+def git_dirty(root: Path) -> str:
+    """"true" when tracked files differ from the commit (the run is not that commit's code)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout
+        return "true" if out.strip() else "false"
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def dvc_input_hashes(root: Path, stage: str) -> dict[str, str]:
+    """The DVC hashes of the stage's data inputs, as dvc.lock records them for the stages that
+    wrote them: tags `dvc.input.<path>` = md5, so a run names the exact data it read."""
+    import yaml
+
+    try:
+        deps = yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage].get("deps", [])
+        lock = yaml.safe_load((root / "dvc.lock").read_text()).get("stages", {})
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return {}
+    outs = {out["path"]: out.get("md5", "") for entry in lock.values() for out in entry.get("outs", [])}
+    return {f"dvc.input.{dep}": outs[dep] for dep in deps if dep in outs}
+
+
 def experiment_id(root: Path) -> str:
     """The experiment's id in the current tracking store, created on first use."""
     import mlflow
@@ -67,57 +112,154 @@ def experiment_id(root: Path) -> str:
         return experiment.experiment_id
     artifacts = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        artifacts = (root / "mlartifacts").resolve().as_uri()
+        artifacts = (store_root(root) / "mlartifacts").as_uri()
     return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+# --------------------------------------------------------------------------- outages
+# A stage never dies of its tracking: every MLflow write is retried; one that still fails is
+# kept and written at the end of the stage's run (and a run that could not be opened is
+# opened then); what is still unwritten then is reported, and the stage's outputs and
+# metrics files are written regardless.
+RETRIES = 3
+RETRY_WAIT_S = 0.5
+RECHECK_S = 30.0  # while writes fail, try again at most this often (training is not slowed)
+
+
+@dataclass
+class _Run:
+    client: Any
+    run_id: str | None
+    pending: list[tuple[str, Callable[[Any, str], None]]] = field(default_factory=list)
+    last_failure: float = 0.0
+    warned: bool = False
+
+
+_current: _Run | None = None
+
+
+def _retry(fn: Callable[[], Any]) -> tuple[bool, Any]:
+    wait = RETRY_WAIT_S
+    for attempt in range(RETRIES):
+        try:
+            return True, fn()
+        except Exception as exc:  # server down, sqlite locked, timeout, ...
+            error = exc
+            if attempt < RETRIES - 1:
+                time.sleep(wait)
+                wait *= 2
+    return False, error
+
+
+def _warn(run: _Run, what: str, error: BaseException) -> None:
+    run.last_failure = time.monotonic()
+    if not run.warned:
+        run.warned = True
+        log.warning("MLflow: %s failed after %d tries (%s: %s); the stage goes on and writes its MLflow "
+                    "records at the end of the run", what, RETRIES, type(error).__name__, str(error)[:200])
+
+
+def _flush(run: _Run) -> None:
+    while run.pending and run.run_id is not None:
+        what, call = run.pending[0]
+        ok, error = _retry(lambda: call(run.client, run.run_id))
+        if not ok:
+            _warn(run, what, error)
+            return
+        run.pending.pop(0)
+
+
+def _record(what: str, call: Callable[[Any, str], None]) -> None:
+    """Write now (retried), or keep it for later when the store is unreachable."""
+    run = _current
+    if run is None:
+        return  # outside a stage run
+    run.pending.append((what, call))
+    if run.run_id is not None and (len(run.pending) == 1 or time.monotonic() - run.last_failure > RECHECK_S):
+        _flush(run)
 
 
 @contextmanager
 def stage_run(stage: str, params: dict[str, Any], root: Path) -> Iterator[Any]:
-    """Start the MLflow run of one stage execution, log its params and tags, yield it."""
+    """The MLflow run of one stage execution: its params and tags; yields it (None while the
+    store is unreachable). Tracking failures never stop the stage."""
+    global _current
     import mlflow  # slow to import: only stages that track pay for it
+    from mlflow.entities import Param, RunStatus
 
-    mlflow.set_tracking_uri(tracking_uri(root))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # ours retry (below): a dead server
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")  # must not cost minutes per write
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
     parent = os.environ.get(PARENT_RUN_ENV) or None
-    tags = {
-        "git_commit": git_commit(root),
-        "dvc_stage": stage,
-        "params_hash": params_hash(params),
-    }
-    with mlflow.start_run(
-        experiment_id=experiment_id(root),
-        run_name=stage,
-        parent_run_id=parent,
-        nested=parent is not None,
-        tags=tags,
-    ) as run:
-        mlflow.log_params(flatten(params))
-        log.info("MLflow run %s (%s) at %s", run.info.run_id, stage, mlflow.get_tracking_uri())
-        yield run
+    tags = {"git_commit": git_commit(root), "git_dirty": git_dirty(root), "dvc_stage": stage,
+            "params_hash": params_hash(params), **dvc_input_hashes(root, stage)}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    flat = [Param(k, str(v)) for k, v in flatten(params).items()]
+
+    def create():
+        run = client.create_run(experiment_id(root), run_name=stage, tags=tags)
+        for i in range(0, len(flat), 100):
+            client.log_batch(run.info.run_id, params=flat[i:i + 100])
+        return run
+
+    ok, created = _retry(create)
+    run = _Run(client=client, run_id=created.info.run_id if ok else None)
+    if ok:
+        log.info("MLflow run %s (%s) at %s", run.run_id, stage, uri)
+    else:
+        _warn(run, f"opening the {stage} run at {uri}", created)
+    _current = run
+    status = RunStatus.to_string(RunStatus.FAILED)
+    try:
+        yield created if ok else None
+        status = RunStatus.to_string(RunStatus.FINISHED)
+    finally:
+        _current = None
+        if run.run_id is None:
+            ok, created = _retry(create)
+            run.run_id = created.info.run_id if ok else None
+        _flush(run)
+        if run.run_id is not None:
+            _retry(lambda: client.set_terminated(run.run_id, status))
+        if run.pending or run.run_id is None:
+            log.warning("MLflow: %d records of the %s run could not be written (%s); the stage's outputs "
+                        "and metrics files are written", len(run.pending), stage,
+                        ", ".join(sorted({what for what, _ in run.pending})) or "the run itself")
+
+
+def current_run_id() -> str | None:
+    """The id of the stage run in progress, when the store could be reached."""
+    return _current.run_id if _current is not None else None
 
 
 def log_metrics(metrics: dict[str, float]) -> None:
-    import mlflow
-
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _is_number(v)})
+    values = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+    _record("metrics", lambda client, run_id: _log_metrics(client, run_id, values, None))
 
 
 def log_step(metrics: dict[str, float], step: int) -> None:
     """Curves (loss, learning rate, throughput) against the training step (no-op outside a run)."""
-    import mlflow
-
-    if mlflow.active_run() is None:
-        return
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+    values = {k: float(v) for k, v in metrics.items()}
+    _record("step metrics", lambda client, run_id: _log_metrics(client, run_id, values, step))
 
 
 def log_images(images: dict[str, np.ndarray], folder: str = "samples") -> None:
-    """Log a few uint8 HxW(x3) arrays as PNG artifacts of the active run (no-op outside a run)."""
-    import mlflow
-
-    if mlflow.active_run() is None:
-        return
+    """Log a few uint8 HxW(x3) arrays as PNG artifacts of the stage run (no-op outside a run)."""
     for name, image in images.items():
-        mlflow.log_image(image, f"{folder}/{name}.png")
+        _record("images", lambda client, run_id, image=image, name=name:
+                client.log_image(run_id, image, f"{folder}/{name}.png"))
+
+
+def _log_metrics(client, run_id: str, values: dict[str, float], step: int | None) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, step or 0) for k, v in values.items()])
 
 
 def _is_number(value: Any) -> bool:

@@ -38,19 +38,53 @@ class BlipDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         return images
 
 
-def log_and_register(checkpoint: Path, name: str = REGISTERED_NAME) -> str:
-    """Log the checkpoint folder as the active run's model and register it; return the version."""
+# What the pyfunc imports where it is loaded (components/ travels as code).
+REQUIREMENTS = ("torch", "diffusers", "transformers", "tokenizers", "safetensors", "huggingface_hub", "pillow",
+                "numpy", "pandas")
+CONSTRAINTS = Path(__file__).resolve().parents[2] / "constraints.txt"
+
+
+def pinned_requirements(constraints: Path = CONSTRAINTS) -> list[str]:
+    """REQUIREMENTS at the versions of constraints.txt (the project's lock), else as installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def norm(name: str) -> str:
+        return name.lower().replace("_", "-")
+
+    locked = {}
+    if constraints.is_file():
+        for line in constraints.read_text().splitlines():
+            name, sep, ver = line.split("#")[0].strip().partition("==")
+            if sep:
+                locked[norm(name)] = ver.strip()
+    pins = []
+    for name in REQUIREMENTS:
+        ver = locked.get(norm(name))
+        if ver is None:
+            try:
+                ver = version(name)
+            except PackageNotFoundError:
+                pins.append(name)
+                continue
+        pins.append(f"{name}=={ver}")
+    return pins
+
+
+def log_and_register(checkpoint: Path, run_id: str | None = None, name: str = REGISTERED_NAME) -> str:
+    """Log the checkpoint folder as a model of run `run_id` (a new run named "register" when
+    None) and register it; return the version."""
     import mlflow
 
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=BlipDiffusionPyfunc(),
-        artifacts={"checkpoint": str(checkpoint)},
-        # the whole package, so the pyfunc imports `components.model...` where it is loaded
-        code_paths=[str(Path(__file__).resolve().parents[1])],
-        pip_requirements=["torch", "diffusers", "transformers", "safetensors", "pillow"],
-        registered_model_name=name,
-    )
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=BlipDiffusionPyfunc(),
+            artifacts={"checkpoint": str(checkpoint)},
+            # the whole package, so the pyfunc imports `components.model...` where it is loaded
+            code_paths=[str(Path(__file__).resolve().parents[1])],
+            pip_requirements=pinned_requirements(),
+            registered_model_name=name,
+        )
     version = str(info.registered_model_version)
     log.info("registered %s version %s (%s)", name, version, info.model_uri)
     return version

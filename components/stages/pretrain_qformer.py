@@ -39,7 +39,7 @@ from torch import nn
 from components.core.config import Params, PretrainQFormerConfig
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path
-from components.core.paths import QFORMER_DIR, SUBJECTS_MANIFEST, checkpoint_dir
+from components.core.paths import QFORMER_DIR, SUBJECTS_MANIFEST, checkpoint_dir, curve_file
 from components.data.images import read_listed_rgb
 from components.data.manifests import SUBJECTS_SCHEMA, read_manifest
 from components.model.presets import from_preset
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 SECTIONS = ("preset", "pretrain_qformer")  # the params this stage reads (dvc.yaml `params`)
 OUTPUTS = (QFORMER_DIR,)
+PLOTS = (curve_file("pretrain_qformer"),)
 HEADS_FILE = "heads/pretrain_heads.safetensors"
 CHECKPOINT_DIR = checkpoint_dir("pretrain_qformer")
 CLASS_TEMPLATES = ("a photo of a {}", "a picture of the {}", "a close-up photo of a {}", "a {} on its own")
@@ -317,7 +318,9 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
 
     ckpt_root = root / CHECKPOINT_DIR
     config_hash = training.config_hash(params, "pretrain_qformer")
-    start = training.load_checkpoint(accelerator, ckpt_root, resume, config_hash, "pretrain_qformer") if resume else 0
+    start, curve = 0, []
+    if resume:
+        start, curve = training.load_checkpoint(accelerator, ckpt_root, resume, config_hash, "pretrain_qformer")
 
     fixed_start = fixed_batch_losses(plain, train, cfg)
     r1_start = retrieval(plain, held_out, candidates)["itc_r1"] if held_out and not start else None
@@ -329,7 +332,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
     _, seconds = training.train_loop(
         accelerator, stage1, optimizer, lr_schedule, trainable, cfg, stage="pretrain_qformer", start=start,
         ckpt_root=ckpt_root, config_hash=config_hash, loss_fn=loss_fn,
-        log_extra=lambda: {"temp": plain.temp.item()})
+        log_extra=lambda: {"temp": plain.temp.item()}, curve=curve)
     stage1 = None  # the DDP wrapper goes before the process group (training.finish)
 
     metrics: dict = {}
@@ -338,6 +341,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
 
         plain.eval()
         fixed_end = fixed_batch_losses(plain, train, cfg)
+        training.write_curve(curve, root / curve_file("pretrain_qformer"))
         with atomic_path(root / QFORMER_DIR) as tmp:
             qformer.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)

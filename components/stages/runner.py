@@ -20,7 +20,7 @@ from types import ModuleType
 
 from components.core import tracking
 from components.core.config import load_params
-from components.core.io import write_json
+from components.core.io import round_floats, write_json
 from components.core.paths import metrics_file
 
 log = logging.getLogger("blipdiff")
@@ -51,11 +51,17 @@ def run_stage(stage: str, params_path: Path, overrides: list[str], root: Path, *
         metrics["seconds_wall"] = round(time.perf_counter() - start, 3)
         # Timings, throughput and memory go to MLflow only: the DVC metrics file stays the
         # same bytes for the same params, like every other output.
-        stable = {k: v for k, v in metrics.items() if not k.startswith(MACHINE_DEPENDENT)}
+        # Floats at a fixed precision: other machines differ in the last bits.
+        stable = round_floats({k: v for k, v in metrics.items() if not k.startswith(MACHINE_DEPENDENT)})
         write_json(stable, root / metrics_file(stage))
         tracking.log_metrics(metrics)
         tracking.log_images(samples)
         if hasattr(module, "after_run"):
-            module.after_run(root)
+            try:
+                module.after_run(root)
+            except Exception as exc:  # tracking never fails a stage whose outputs are written
+                log.warning("%s: registering its model failed (%s: %s); the stage's outputs are written: "
+                            "register them later with `blipdiff register`", stage, type(exc).__name__,
+                            str(exc)[:300])
     log.info("%s done in %.1f s; metrics in %s", stage, metrics["seconds_wall"], metrics_file(stage))
     return metrics

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from components.core import tracking
 from components.core.config import Params, TrainSubjectConfig
 from components.core.errors import BlipDiffError
-from components.core.paths import BLIP_DIFFUSION_DIR, PAIRS_MANIFEST, checkpoint_dir
+from components.core.paths import BLIP_DIFFUSION_DIR, PAIRS_MANIFEST, checkpoint_dir, curve_file
 from components.data.images import read_listed_rgb
 from components.data.manifests import PAIRS_SCHEMA, read_manifest
 from components.model import layout
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SECTIONS = ("preset", "train_subject")  # the params this stage reads (dvc.yaml `params`)
 OUTPUTS = (BLIP_DIFFUSION_DIR,)
+PLOTS = (curve_file("train_subject"),)
 CHECKPOINT_DIR = checkpoint_dir("train_subject")
 
 
@@ -221,9 +222,9 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
 
     ckpt_root = root / CHECKPOINT_DIR
     config_hash = training.config_hash(params, "train_subject")
-    start = 0
+    start, curve = 0, []
     if resume:
-        start = training.load_checkpoint(accelerator, ckpt_root, resume, config_hash, "train_subject", ema)
+        start, curve = training.load_checkpoint(accelerator, ckpt_root, resume, config_hash, "train_subject", ema)
 
     plain = accelerator.unwrap_model(stage2)
     fixed_start = fixed_batch_loss(plain, train, cfg, noise_scheduler)
@@ -240,7 +241,8 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
 
     history, seconds = training.train_loop(
         accelerator, stage2, optimizer, lr_schedule, trainable, cfg, stage="train_subject", start=start,
-        ckpt_root=ckpt_root, config_hash=config_hash, loss_fn=loss_fn, ema=ema, after_step=sample)
+        ckpt_root=ckpt_root, config_hash=config_hash, loss_fn=loss_fn, ema=ema, after_step=sample,
+        curve=curve)
     losses = [h["loss"] for h in history]
 
     stage2 = None  # the DDP wrapper goes before the process group (training.finish)
@@ -251,6 +253,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
     samples: dict[str, np.ndarray] = {}
     if accelerator.is_main_process:
         layout.save(model, root / BLIP_DIFFUSION_DIR)
+        training.write_curve(curve, root / curve_file("train_subject"))
         steps_run = cfg.steps - start
         metrics = {
             "fixed_batch_loss_start": fixed_start,
@@ -291,4 +294,7 @@ def after_run(root: Path) -> None:
     """Inside the stage's MLflow run, after its metrics: register the model it wrote."""
     from components.model import registry
 
-    registry.log_and_register(root / BLIP_DIFFUSION_DIR)
+    run_id = tracking.current_run_id()
+    if run_id is None:
+        raise BlipDiffError("the tracking store could not be reached")
+    registry.log_and_register(root / BLIP_DIFFUSION_DIR, run_id)

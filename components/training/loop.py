@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 
 from components.core import tracking
 from components.core.errors import BlipDiffError
+from components.core.io import atomic_path, round_floats
 
 log = logging.getLogger(__name__)
 
@@ -109,22 +111,27 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def save_checkpoint(accelerator, ckpt_root: Path, step: int, config_hash: str, ema=None) -> None:
-    """accelerate's save_state plus the step and a hash of the params; keeps the two newest."""
+def save_checkpoint(accelerator, ckpt_root: Path, step: int, config_hash: str, ema=None,
+                    curve: list[dict] | None = None) -> None:
+    """accelerate's save_state plus the step, a hash of the params and the training curve so
+    far; keeps the two newest."""
     accelerator.wait_for_everyone()
     target = ckpt_root / f"step-{step:06d}"
     accelerator.save_state(str(target))
     if accelerator.is_main_process:
         if ema is not None:
             torch.save(ema.state_dict(), target / "ema.pt")
-        (target / "training_state.json").write_text(json.dumps({"step": step, "config_hash": config_hash}) + "\n")
+        state = {"step": step, "config_hash": config_hash, "curve": curve or []}
+        (target / "training_state.json").write_text(json.dumps(state) + "\n")
         for old in sorted(ckpt_root.glob("step-*"))[:-2]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator, ckpt_root: Path, resume: str, config_hash: str, stage: str, ema=None) -> int:
-    """Restore `resume` ("latest" or a folder); refuse one made with other params. Returns its step."""
+def load_checkpoint(accelerator, ckpt_root: Path, resume: str, config_hash: str, stage: str,
+                    ema=None) -> tuple[int, list[dict]]:
+    """Restore `resume` ("latest" or a folder); refuse one made with other params. Returns its
+    step and the training curve up to it."""
     if resume == "latest":
         found = sorted(p for p in ckpt_root.glob("step-*") if (p / "training_state.json").is_file())
         if not found:
@@ -143,7 +150,7 @@ def load_checkpoint(accelerator, ckpt_root: Path, resume: str, config_hash: str,
     if ema is not None and (path / "ema.pt").is_file():
         ema.load_state_dict(torch.load(path / "ema.pt"))
     log.info("resumed from %s at step %d", path, state["step"])
-    return int(state["step"])
+    return int(state["step"]), list(state.get("curve", []))
 
 
 def config_hash(params, section: str) -> str:
@@ -153,14 +160,18 @@ def config_hash(params, section: str) -> str:
 def train_loop(accelerator, module, optimizer, lr_schedule, trainable: list, cfg, *, stage: str, start: int,
                ckpt_root: Path, config_hash: str, loss_fn: Callable, ema=None,
                log_extra: Callable[[], dict] | None = None,
-               after_step: Callable[[int], None] | None = None) -> tuple[list[dict[str, float]], float]:
+               after_step: Callable[[int], None] | None = None,
+               curve: list[dict] | None = None) -> tuple[list[dict[str, float]], float]:
     """Steps `start`..`cfg.steps` of a stage: accumulate, clip, step; EMA; log; checkpoint.
 
     `loss_fn(step, micro)` returns a dict of scalar losses whose "loss" is optimised.
     Every `log_every` steps the mean of each loss over those steps, the learning rate,
-    samples/s and `log_extra()` go to MLflow against the step. Returns each step's losses
-    (averaged over processes) and the seconds spent.
+    samples/s and `log_extra()` go to MLflow against the step, and a row (step, losses,
+    learning rate) is appended to `curve` (the stage's DVC plot; kept in checkpoints, so a
+    resumed run has the whole curve). Returns each step's losses (averaged over processes)
+    and the seconds spent.
     """
+    curve = [] if curve is None else curve
     stop_after = stop_after_step()
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
@@ -185,14 +196,22 @@ def train_loop(accelerator, module, optimizer, lr_schedule, trainable: list, cfg
         if done % cfg.log_every == 0 and accelerator.is_main_process:
             rate = (done - start) * per_step / (time.perf_counter() - t0)
             recent = {k: float(np.mean([h[k] for h in history[-cfg.log_every:]])) for k in history[-1]}
-            tracking.log_step({**recent, **(log_extra() if log_extra else {}), "lr": lr_schedule.get_last_lr()[0],
+            lr = lr_schedule.get_last_lr()[0]
+            curve.append({"step": done, **recent, "lr": lr})
+            tracking.log_step({**recent, **(log_extra() if log_extra else {}), "lr": lr,
                                "samples_per_s": rate}, step=done)
             log.info("step %d/%d %s (%.1f samples/s)", done, cfg.steps,
                      " ".join(f"{k} {v:.4f}" for k, v in recent.items()), rate)
         if after_step is not None:
             after_step(done)
         if done % cfg.checkpoint_every == 0 or done == stop_after:
-            save_checkpoint(accelerator, ckpt_root, done, config_hash, ema)
+            save_checkpoint(accelerator, ckpt_root, done, config_hash, ema, curve)
         if done == stop_after:
             raise BlipDiffError(f"stopped after step {done} ({STOP_AFTER_ENV}); resume with --resume latest")
     return history, time.perf_counter() - t0
+
+
+def write_curve(curve: list[dict], path: Path) -> None:
+    """The training curve as CSV (step, losses, lr) at fixed precision: the stage's DVC plot."""
+    with atomic_path(path) as tmp:
+        pd.DataFrame([round_floats(row) for row in curve]).to_csv(tmp, index=False)
