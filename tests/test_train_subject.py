@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -195,6 +196,28 @@ def test_cli_stage_registers_the_model(pairs_root, tmp_path, monkeypatch):
                                           "source_subject": "toy", "prompt": "on a beach"}]),
                            params={"num_inference_steps": 2})
     assert len(images) == 1 and images[0].shape == (64, 64, 3) and np.isfinite(images[0]).all()
+
+    # the artifact holds what the run trained; the frozen VAE and image encoder come from the base
+    from components.model import layout, registry
+
+    artifact = Path(mlflow.artifacts.download_artifacts(f"models:/blip-diffusion/{version.version}")) / "artifacts"
+    (ckpt,) = [p for p in artifact.iterdir() if p.is_dir()]
+    assert (ckpt / registry.BASE_FILE).is_file() and not list((ckpt / "vae").glob("*.safetensors"))
+    assert not [k for k in load_file(ckpt / "qformer" / "model.safetensors") if k.startswith("visual_encoder.")]
+    size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+    full = sum(f.stat().st_size for f in (root / paths.BLIP_DIFFUSION_DIR).rglob("*") if f.is_file())
+    assert size < 0.8 * full
+    # rebuilt, it is the trained model exactly
+    rebuilt = layout.load(registry.restore_frozen(ckpt, tmp_path / "rebuilt"))
+    trained = layout.load(root / paths.BLIP_DIFFUSION_DIR)
+    for part in ("qformer", "vae", "unet", "text_encoder"):
+        a, b = getattr(rebuilt, part).state_dict(), getattr(trained, part).state_dict()
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), part
+    # another base (here another seed) is refused, not silently used
+    base = json.loads((ckpt / registry.BASE_FILE).read_text())
+    (ckpt / registry.BASE_FILE).write_text(json.dumps({**base, "seed": 1}))
+    with pytest.raises(BlipDiffError, match="gives other vae weights"):
+        registry.restore_frozen(ckpt, tmp_path / "wrong")
 
 
 @pytest.mark.slow

@@ -3,6 +3,11 @@
 `mlflow.pyfunc.load_model("models:/blip-diffusion/1").predict(df)` takes columns
 `subject_image` (a path), `source_subject`, `prompt` and optional `seed`, and returns one
 float image (H, W, 3) in [0, 1] per row.
+
+What a run trained is stored; what it kept frozen is not copied again on every run: when the
+base is known (a preset and seed, as `train_subject` registers), the artifact leaves out the
+VAE weights and the image encoder inside the Q-Former and records the base with a sha256 of
+each frozen part; loading rebuilds them from the base and refuses a base whose weights differ.
 """
 
 from __future__ import annotations
@@ -17,11 +22,94 @@ log = logging.getLogger(__name__)
 REGISTERED_NAME = "blip-diffusion"
 
 
+BASE_FILE = "base.json"
+VISUAL_PREFIX = "visual_encoder."
+
+
+def _tensor_hash(state: dict) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _frozen_parts(model) -> dict[str, dict]:
+    """The parts stage 2 never trains: the VAE and the Q-Former's image encoder."""
+    visual = {VISUAL_PREFIX + k: v for k, v in model.qformer.visual_encoder.state_dict().items()}
+    return {"vae": model.vae.state_dict(), "qformer.visual_encoder": visual}
+
+
+def _donor_parts(base: dict) -> dict[str, dict]:
+    from components.model.presets import from_preset
+
+    return _frozen_parts(from_preset(base["preset"], base.get("checkpoint"), seed=int(base.get("seed", 0))))
+
+
+def trained_parts(checkpoint: Path, out: Path, base: dict) -> bool:
+    """A copy of `checkpoint` without its frozen weights, plus base.json naming the base they
+    come from and their hashes. False (nothing written) when the base does not rebuild the
+    checkpoint's frozen weights exactly: then the whole folder must be stored."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from components.model import layout
+
+    frozen = {k: _tensor_hash(v) for k, v in _frozen_parts(layout.load(checkpoint)).items()}
+    if {k: _tensor_hash(v) for k, v in _donor_parts(base).items()} != frozen:
+        return False
+    shutil.copytree(checkpoint, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    for sub in ("qformer", "text_encoder", "unet"):
+        for file in (checkpoint / sub).glob("*.safetensors"):
+            state = load_file(file)
+            if sub == "qformer":
+                state = {k: v for k, v in state.items() if not k.startswith(VISUAL_PREFIX)}
+            save_file(state, out / sub / file.name, metadata={"format": "pt"})
+    (out / BASE_FILE).write_text(json.dumps({**base, "frozen_sha256": frozen}, indent=2) + "\n")
+    return True
+
+
+def restore_frozen(artifact: Path, out: Path) -> Path:
+    """A full checkpoint folder from a trained-parts artifact and its base."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from components.core.errors import BlipDiffError
+    from components.model.presets import from_preset
+
+    base = json.loads((artifact / BASE_FILE).read_text())
+    donor = from_preset(base["preset"], base.get("checkpoint"), seed=int(base.get("seed", 0)))
+    frozen = _frozen_parts(donor)
+    for name, state in frozen.items():
+        if _tensor_hash(state) != base["frozen_sha256"][name]:
+            raise BlipDiffError(f"{artifact}: the base {base} gives other {name} weights than the model was "
+                                "trained with (another version or seed)")
+    shutil.copytree(artifact, out)
+    donor.vae.save_pretrained(out / "vae", safe_serialization=True)
+    (out / "vae" / "config.json").write_text((artifact / "vae" / "config.json").read_text())
+    for file in (out / "qformer").glob("*.safetensors"):
+        state = {**load_file(file), **{k: v.contiguous() for k, v in frozen["qformer.visual_encoder"].items()}}
+        save_file(state, file, metadata={"format": "pt"})
+    return out
+
+
 class BlipDiffusionPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
+        import tempfile
+
         from components.model import layout
 
-        self.model = layout.load(context.artifacts["checkpoint"])
+        folder = Path(context.artifacts["checkpoint"])
+        if (folder / BASE_FILE).is_file():
+            self._tmp = tempfile.TemporaryDirectory()
+            folder = restore_frozen(folder, Path(self._tmp.name) / "checkpoint")
+        self.model = layout.load(folder)
 
     def predict(self, context, model_input, params=None):
         from components.data.images import read_subject_images
@@ -70,16 +158,25 @@ def pinned_requirements(constraints: Path = CONSTRAINTS) -> list[str]:
     return pins
 
 
-def log_and_register(checkpoint: Path, run_id: str | None = None, name: str = REGISTERED_NAME) -> str:
+def log_and_register(checkpoint: Path, run_id: str | None = None, name: str = REGISTERED_NAME,
+                     base: dict | None = None) -> str:
     """Log the checkpoint folder as a model of run `run_id` (a new run named "register" when
-    None) and register it; return the version."""
+    None) and register it; return the version. With `base` ({"preset", "seed"} or
+    {"preset", "checkpoint"}) only the trained parts are stored (see the module doc)."""
+    import tempfile
+
     import mlflow
 
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"):
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"):
+        artifact = checkpoint
+        if base is not None and trained_parts(checkpoint, Path(tmp) / "checkpoint", base):
+            artifact = Path(tmp) / "checkpoint"
+        elif base is not None:
+            log.info("the base %s does not rebuild the frozen weights exactly: storing the whole folder", base)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=BlipDiffusionPyfunc(),
-            artifacts={"checkpoint": str(checkpoint)},
+            artifacts={"checkpoint": str(artifact)},
             # the whole package, so the pyfunc imports `components.model...` where it is loaded
             code_paths=[str(Path(__file__).resolve().parents[1])],
             pip_requirements=pinned_requirements(),

@@ -4,7 +4,7 @@ log what it took.
 
 Every stage module in this package has the same face: `SECTIONS` (the params it reads),
 `OUTPUTS` (what it writes, as in dvc.yaml), `run(params, root, **options)` returning its
-metrics and sample images, and optionally `after_run(root)`, called inside its MLflow run
+metrics and sample images, and optionally `after_run(params, root)`, called inside its MLflow run
 (train_subject registers its model there). Stages are found by name, so this module
 imports none of them and no stage imports another.
 """
@@ -58,7 +58,7 @@ def run_stage(stage: str, params_path: Path, overrides: list[str], root: Path, *
         tracking.log_images(samples)
         if hasattr(module, "after_run"):
             try:
-                module.after_run(root)
+                module.after_run(params, root)
             except Exception as exc:  # tracking never fails a stage whose outputs are written
                 log.warning("%s: registering its model failed (%s: %s); the stage's outputs are written: "
                             "register them later with `blipdiff register`", stage, type(exc).__name__,

@@ -290,11 +290,13 @@ def _samples(model, data: PairData) -> dict[str, np.ndarray]:
     return out
 
 
-def after_run(root: Path) -> None:
-    """Inside the stage's MLflow run, after its metrics: register the model it wrote."""
+def after_run(params: Params, root: Path) -> None:
+    """Inside the stage's MLflow run, after its metrics: register the model it wrote, storing
+    what it trained (the frozen VAE and image encoder come from the preset when loaded)."""
     from components.model import registry
 
     run_id = tracking.current_run_id()
     if run_id is None:
         raise BlipDiffError("the tracking store could not be reached")
-    registry.log_and_register(root / BLIP_DIFFUSION_DIR, run_id)
+    base = {"preset": params.preset, "seed": params.train_subject.seed}
+    registry.log_and_register(root / BLIP_DIFFUSION_DIR, run_id, base=base)
