@@ -45,3 +45,21 @@ def test_push_to_the_default_remote_and_pull_into_a_fresh_clone(checkout, tmp_pa
     assert "up to date" in _sh("dvc status ingest", clone, env).lower()
     # metrics are in git, not in the remote: the clone has them without a pull
     assert (clone / paths.metrics_file("ingest")).is_file()
+
+
+def test_runs_of_a_temporary_dvc_experiment_land_in_the_main_store(checkout):
+    """`dvc exp run --temp` runs the stage in a throw-away copy under .dvc/tmp: its MLflow run
+    must still be in the repository's own default store, tagged with the experiment."""
+    import mlflow
+
+    work, env = checkout
+    env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}
+    _sh("dvc exp run --temp -n tempexp -S ingest.seed=1 ingest", work, env)
+    store = work / "mlflow.db"
+    assert store.is_file(), "the experiment's run went to the temporary copy's store"
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{store}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (run,) = [r for r in runs if r.info.run_name == "ingest"]
+    assert run.data.tags["dvc_experiment"] == "tempexp"
+    assert run.data.params["ingest.seed"] == "1"
+    assert "tempexp" in _sh("dvc exp list --name-only", work, env)
