@@ -69,11 +69,18 @@ def odd(tmp_path) -> Path:
     return corpus(tmp_path / "odd")
 
 
-def test_ingest_skips_each_bad_file_with_its_reason(odd, tmp_path):
+@pytest.fixture
+def photos(odd, tmp_path) -> tuple[Path, Path]:
+    """A user's folder with the corpus as subject `toy`, and an empty repository to ingest into."""
     src = tmp_path / "photos"
     shutil.copytree(odd, src / "toy")
     root = tmp_path / "repo"
     root.mkdir()
+    return src, root
+
+
+def test_ingest_skips_each_bad_file_with_its_reason(photos):
+    src, root = photos
     metrics, _ = ingest.ingest_subjects(IngestConfig(source="folder", folder={"path": str(src)},
                                                      max_skipped_fraction=1.0), root)
     assert metrics["files_found"] == len(EXPECTED)
@@ -91,12 +98,9 @@ def test_ingest_skips_each_bad_file_with_its_reason(odd, tmp_path):
     assert sizes["cmyk.jpg"] == (64, 48)
 
 
-def test_ingest_threshold_counts_unreadable_files_only(odd, tmp_path):
-    src = tmp_path / "photos"
-    shutil.copytree(odd, src / "toy")
+def test_ingest_threshold_counts_unreadable_files_only(photos):
+    src, root = photos
     (src / "empty").mkdir()
-    root = tmp_path / "repo"
-    root.mkdir()
     cfg = IngestConfig(source="folder", folder={"path": str(src)}, max_skipped_fraction=0.29)
     with pytest.raises(BlipDiffError) as err:  # 3 of 10 unreadable = 30%
         ingest.ingest_subjects(cfg, root)
@@ -108,11 +112,8 @@ def test_ingest_threshold_counts_unreadable_files_only(odd, tmp_path):
     ingest.ingest_subjects(cfg.model_copy(update={"max_skipped_fraction": 0.3}), root)
 
 
-def test_ingest_pixel_limit_is_a_param(odd, tmp_path):
-    src = tmp_path / "photos"
-    shutil.copytree(odd, src / "toy")
-    root = tmp_path / "repo"
-    root.mkdir()
+def test_ingest_pixel_limit_is_a_param(photos):
+    src, root = photos
     metrics, _ = ingest.ingest_subjects(IngestConfig(source="folder", folder={"path": str(src)},
                                                      max_skipped_fraction=1.0, max_image_pixels=2500), root)
     # over 2500 pixels, refused from the header alone: 64x48 CMYK, 60x44 palette and its duplicate,
