@@ -15,11 +15,8 @@ import sys
 from pathlib import Path
 
 from components.core.errors import BlipDiffError
+from components.stages import RESUMABLE, STAGES
 
-# Kept in step with components.stages.runner.STAGES and dvc.yaml (a test holds them equal);
-# listed here so that building the parser imports nothing else.
-STAGES = ("ingest", "context", "pretrain_qformer", "train_subject")
-RESUMABLE = ("pretrain_qformer", "train_subject")
 TOOLS = {
     "generate": "zero-shot subject-driven generation (batched)",
     "finetune": "fine-tune on one subject (full UNet or LoRA)",

@@ -3,10 +3,10 @@
 Defaults keep everything inside the repository's main working tree (sqlite `mlflow.db`,
 artifacts under `mlartifacts/`, both git-ignored; also for runs in DVC experiments'
 temporary copies) so `mlflow ui --backend-store-uri sqlite:///mlflow.db` shows the history
-with no server. A tracking store that fails (server down, sqlite locked) never stops a stage:
-writes are retried, kept, and written at the end of the run. `MLFLOW_TRACKING_URI` and `MLFLOW_EXPERIMENT_NAME`
-override them; `BLIPDIFF_PARENT_RUN_ID` nests the run under a parent run (the Prefect
-flow sets it for the `dvc repro` it drives).
+with no server. `MLFLOW_TRACKING_URI` and `MLFLOW_EXPERIMENT_NAME` override them;
+`BLIPDIFF_PARENT_RUN_ID` nests the run under a parent run (the Prefect flow sets it for the
+`dvc repro` it drives). A tracking store that fails (server down, sqlite locked) never stops
+a stage: writes are retried, kept, and written at the end of the run.
 """
 
 from __future__ import annotations

@@ -20,8 +20,6 @@ import mlflow.pyfunc
 log = logging.getLogger(__name__)
 
 REGISTERED_NAME = "blip-diffusion"
-
-
 BASE_FILE = "base.json"
 VISUAL_PREFIX = "visual_encoder."
 
@@ -42,10 +40,11 @@ def _frozen_parts(model) -> dict[str, dict]:
     return {"vae": model.vae.state_dict(), "qformer.visual_encoder": visual}
 
 
-def _donor_parts(base: dict) -> dict[str, dict]:
+def _donor(base: dict):
+    """The model a base.json names: where the frozen parts come from."""
     from components.model.presets import from_preset
 
-    return _frozen_parts(from_preset(base["preset"], base.get("checkpoint"), seed=int(base.get("seed", 0))))
+    return from_preset(base["preset"], base.get("checkpoint"), seed=int(base.get("seed", 0)))
 
 
 def trained_parts(checkpoint: Path, out: Path, base: dict) -> bool:
@@ -60,7 +59,7 @@ def trained_parts(checkpoint: Path, out: Path, base: dict) -> bool:
     from components.model import layout
 
     frozen = {k: _tensor_hash(v) for k, v in _frozen_parts(layout.load(checkpoint)).items()}
-    if {k: _tensor_hash(v) for k, v in _donor_parts(base).items()} != frozen:
+    if {k: _tensor_hash(v) for k, v in _frozen_parts(_donor(base)).items()} != frozen:
         return False
     shutil.copytree(checkpoint, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     for sub in ("qformer", "text_encoder", "unet"):
@@ -81,10 +80,9 @@ def restore_frozen(artifact: Path, out: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     from components.core.errors import BlipDiffError
-    from components.model.presets import from_preset
 
     base = json.loads((artifact / BASE_FILE).read_text())
-    donor = from_preset(base["preset"], base.get("checkpoint"), seed=int(base.get("seed", 0)))
+    donor = _donor(base)
     frozen = _frozen_parts(donor)
     for name, state in frozen.items():
         if _tensor_hash(state) != base["frozen_sha256"][name]:

@@ -3,9 +3,9 @@ open the stage's MLflow run, do the work, write the metrics JSON that dvc.yaml d
 log what it took.
 
 Every stage module in this package has the same face: `SECTIONS` (the params it reads),
-`OUTPUTS` (what it writes, as in dvc.yaml), `run(params, root, **options)` returning its
-metrics and sample images, and optionally `after_run(params, root)`, called inside its MLflow run
-(train_subject registers its model there). Stages are found by name, so this module
+`OUTPUTS` (what it writes, as in dvc.yaml), `PLOTS` where it has curves, `run(params, root,
+**options)` returning its metrics and sample images, and optionally `after_run(params, root)`,
+called inside its MLflow run (train_subject registers its model there). Stages are found by name, so this module
 imports none of them and no stage imports another.
 """
 
@@ -22,12 +22,10 @@ from components.core import tracking
 from components.core.config import load_params
 from components.core.io import round_floats, write_json
 from components.core.paths import metrics_file
+from components.stages import STAGES
 
 log = logging.getLogger("blipdiff")
 
-# The DVC stages, in pipeline order; each is `components.stages.<name>`.
-STAGES = ("ingest", "context", "pretrain_qformer", "train_subject")
-RESUMABLE = ("pretrain_qformer", "train_subject")  # take --resume
 MACHINE_DEPENDENT = ("seconds_", "samples_per_s", "peak_memory_mb")  # metric name prefixes
 
 
@@ -49,9 +47,9 @@ def run_stage(stage: str, params_path: Path, overrides: list[str], root: Path, *
     with tracking.stage_run(stage, stage_params, root):
         metrics, samples = module.run(params, root, **options)
         metrics["seconds_wall"] = round(time.perf_counter() - start, 3)
-        # Timings, throughput and memory go to MLflow only: the DVC metrics file stays the
+        # Timings, throughput and memory go to MLflow only, and floats are written at a fixed
+        # precision (other machines differ in the last bits): the DVC metrics file stays the
         # same bytes for the same params, like every other output.
-        # Floats at a fixed precision: other machines differ in the last bits.
         stable = round_floats({k: v for k, v in metrics.items() if not k.startswith(MACHINE_DEPENDENT)})
         write_json(stable, root / metrics_file(stage))
         tracking.log_metrics(metrics)
