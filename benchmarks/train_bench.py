@@ -80,32 +80,30 @@ def child_full_size(optimizer_name: str, steps: int) -> dict:
     parts = build_full_size("cpu")
     build_s = time.perf_counter() - t0
 
-    class Model:  # what Stage2 reads off the bundle
-        qformer, text_encoder, unet = parts["qformer"], parts["text_encoder"], parts["unet"]
+    from components.model.blip_diffusion import BlipDiffusion
+    from components.model.tiny.blip_diffusion import build_tiny
 
+    tiny = build_tiny(0)  # its tokenizers: ids within the full-size vocabularies
+    model = BlipDiffusion(qformer=parts["qformer"], text_encoder=parts["text_encoder"], tokenizer=tiny.tokenizer,
+                          qformer_tokenizer=tiny.qformer_tokenizer, unet=parts["unet"], vae=parts["vae"],
+                          scheduler=tiny.scheduler)
     parts["qformer"].visual_encoder.requires_grad_(False)
     parts["unet"].enable_gradient_checkpointing()
     parts["text_encoder"].gradient_checkpointing_enable()
-    stage2 = Stage2(Model).train()
+    stage2 = Stage2(model).train()
     trainable = [p for p in stage2.parameters() if p.requires_grad]
     optimizer = (torch.optim.AdamW(trainable, lr=2e-6) if optimizer_name == "adamw"
                  else torch.optim.SGD(trainable, lr=2e-6))
-
-    class Batch:  # one precomputed pair, as PairData holds them
-        pixels = torch.randn(1, 3, 224, 224)
-        class_ids = torch.tensor([[101, 3899, 102]])
-        class_mask = torch.ones(1, 3, dtype=torch.long)
-        prompt_ids = torch.randint(0, 49408, (1, 61))
-        ctx_pos = torch.tensor([8])
-        caption_ids = torch.randint(0, 49408, (1, 77))
-        latents = torch.randn(1, 4, 64, 64)
-
+    # one pair as the stage's loader gives it, with cached latent moments (the VAE is frozen)
+    batch = {"pixels": torch.randn(1, 3, 224, 224), "class_text": ["dog"], "prompt": ["a dog"],
+             "moments": torch.stack([torch.randn(1, 4, 64, 64), torch.full((1, 4, 64, 64), 0.01)], 1)}
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    idx, drop = torch.tensor([0]), torch.tensor([False])
+    drop = torch.tensor([False])
     times = []
     for _ in range(steps + 1):  # the first step warms up
         start = time.perf_counter()
-        loss = stage2(Batch, idx, drop, torch.randn(1, 4, 64, 64), torch.tensor([500]), scheduler)
+        loss = stage2(batch, drop, torch.randn(1, 4, 64, 64), torch.tensor([500]), torch.randn(1, 4, 64, 64),
+                      scheduler)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

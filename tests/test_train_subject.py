@@ -164,6 +164,12 @@ def test_two_cpu_processes_with_accelerate_launch(pairs_root, tmp_path):
         assert proc.returncode == 0, out[-3000:]
         metrics = json.loads((root / paths.metrics_file(stage)).read_text())
         assert metrics["processes"] == 2
+        if stage == "train_subject":  # warmup in optimizer steps, as with one process
+            import pandas as pd
+
+            cfg = raw[stage]
+            lr = pd.read_csv(root / paths.curve_file(stage))["lr"].tolist()
+            assert lr == pytest.approx([cfg["learning_rate"] * k / cfg["warmup_steps"] for k in (1, 2)])
     assert (root / paths.QFORMER_DIR / "model.safetensors").is_file()
     assert (root / paths.BLIP_DIFFUSION_DIR / "unet").is_dir()
 
@@ -203,7 +209,8 @@ def test_cli_stage_registers_the_model(pairs_root, tmp_path, monkeypatch):
     artifact = Path(mlflow.artifacts.download_artifacts(f"models:/blip-diffusion/{version.version}")) / "artifacts"
     (ckpt,) = [p for p in artifact.iterdir() if p.is_dir()]
     assert (ckpt / registry.BASE_FILE).is_file() and not list((ckpt / "vae").glob("*.safetensors"))
-    assert not [k for k in load_file(ckpt / "qformer" / "model.safetensors") if k.startswith("visual_encoder.")]
+    visual = [k for k in load_file(ckpt / "qformer" / "model.safetensors") if k.startswith("visual_encoder.")]
+    assert visual and all(k.startswith("visual_encoder.post_layernorm.") for k in visual)  # ln_vision only
     size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
     full = sum(f.stat().st_size for f in (root / paths.BLIP_DIFFUSION_DIR).rglob("*") if f.is_file())
     assert size < 0.8 * full
@@ -252,3 +259,145 @@ def test_out_of_memory_is_one_clear_error_and_writes_nothing(pairs_root, tmp_pat
                                             r"train_subject.batch_size"):
         train_subject.run(_params(), root)
     assert not (root / paths.BLIP_DIFFUSION_DIR).exists()
+
+
+# ------------------------------------------------------------------ issue 9 checks
+def _frame(root):
+    pairs = read_manifest(root / paths.PAIRS_MANIFEST, PAIRS_SCHEMA)
+    return pairs[pairs["split"] == "train"]
+
+
+@pytest.mark.parametrize("text_mode", ["neutral", "caption"])
+def test_training_conditions_the_unet_as_generate_does(pairs_root, text_mode):
+    """The subject embeddings and text embeddings a training sample conditions the UNet on are
+    exactly those `generate` feeds the UNet for the same reference image, class and prompt."""
+    import torch
+
+    from components.model.tiny.blip_diffusion import build_tiny
+
+    model = build_tiny(0)
+    frame = _frame(pairs_root)
+    data = train_subject.PairDataset(model, frame, pairs_root, 16, text_mode)
+    stage2 = train_subject.Stage2(model).eval()
+    i = 1
+    batch = data.batch([i])
+    class_text, caption = frame["subject_text"].iloc[i], frame["caption"].iloc[i]
+    context = caption if text_mode == "caption" else ""
+    with torch.no_grad():
+        embeds = stage2.subject_embeddings(batch)
+        trained_text = stage2.text_embeddings(list(batch["prompt"]), torch.tensor([False]), embeds)
+
+    generate_embeds = model.subject_embeddings([data.image(data.inputs[i])], class_text)
+    torch.testing.assert_close(embeds, generate_embeds, rtol=0, atol=1e-6)
+    seen = []
+    hook = model.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True)
+    try:
+        model.generate(generate_embeds, [context], class_text, [0], guidance_scale=1.0, num_inference_steps=1,
+                       height=16, width=16, prompt_reps=1)
+    finally:
+        hook.remove()
+    assert batch["prompt"][0] == (f"a {class_text} {caption}" if text_mode == "caption" else f"a {class_text}")
+    torch.testing.assert_close(trained_text, seen[0], rtol=0, atol=1e-6)
+    # and the embeddings sit after "a": moving them changes the text embeddings
+    model.ctx_begin_pos = 3
+    with torch.no_grad():
+        moved = stage2.text_embeddings(list(batch["prompt"]), torch.tensor([False]), embeds)
+    assert (moved - trained_text).abs().max() > 1e-3
+
+
+def _corrupt_first_input(root):
+    """Another version of the input data: the first training composite inverted."""
+    from PIL import Image, ImageOps
+
+    path = root / _frame(root)["input_path"].iloc[0]
+    ImageOps.invert(Image.open(path).convert("RGB")).save(path)
+
+
+def test_fresh_run_never_resumes_an_old_model(pairs_root, tmp_path, monkeypatch):
+    """A finished run on old data, then the data changes, a fresh run crashes early and is
+    resumed with --resume latest: it continues its own checkpoint (the old ones were cleared)
+    and ends with the weights of an uninterrupted run on the new data."""
+    from components.training.loop import checkpoints
+
+    root = _copy(pairs_root, tmp_path / "r")
+    train_subject.run(_params(), root)
+    ckpt_root = root / train_subject.CHECKPOINT_DIR
+    old = checkpoints(ckpt_root)
+    assert [json.loads((p / "training_state.json").read_text())["step"] for p in old] == [2, 4]
+    _corrupt_first_input(root)
+    monkeypatch.setenv(STOP_AFTER_ENV, "1")
+    with pytest.raises(BlipDiffError, match="stopped after step 1"):
+        train_subject.run(_params(), root)
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    (only,) = checkpoints(ckpt_root)
+    assert json.loads((only / "training_state.json").read_text())["step"] == 1
+    train_subject.run(_params(), root, resume="latest")
+
+    reference = _copy(pairs_root, tmp_path / "reference")
+    _corrupt_first_input(reference)
+    train_subject.run(_params(), reference)
+    wr, wref = _weights(root), _weights(reference)
+    for part in wref:
+        assert all((wr[part][k] == wref[part][k]).all() for k in wref[part]), part
+
+    # a checkpoint made on other data is refused, naming why
+    (root / _frame(root)["target_path"].iloc[0]).write_bytes((pairs_root / _frame(root)["target_path"].iloc[1])
+                                                             .read_bytes())
+    with pytest.raises(BlipDiffError, match="other input data"):
+        train_subject.run(_params(), root, resume="latest")
+
+
+def test_loader_workers_and_feature_cache_do_not_change_the_result(pairs_root, tmp_path):
+    """Samples stream through DataLoader workers and, with `cache`, from the on-disk cache of
+    the frozen networks' outputs: the trained weights are the same."""
+    import torch
+
+    plain = _copy(pairs_root, tmp_path / "plain")
+    train_subject.run(_params(), plain)
+    workers = _copy(pairs_root, tmp_path / "workers")
+    train_subject.run(_params(num_workers=2), workers)
+    cached = _copy(pairs_root, tmp_path / "cached")
+    metrics, _ = train_subject.run(_params(cache=True, num_workers=1), cached)
+    spaces = sorted(p.name.split("-")[0] for p in (cached / "models/.cache/train_subject").iterdir())
+    assert spaces == ["image", "vae"]
+    inputs = {p.name for p in (cached / "models/.cache/train_subject").glob("image-*/*.pt")}
+    assert len(inputs) == _frame(pairs_root)["input_path"].nunique() + 2  # + the held-out views
+    wp, ww, wc = _weights(plain), _weights(workers), _weights(cached)
+    for part in wp:
+        for key in wp[part]:
+            assert torch.equal(wp[part][key], ww[part][key]), f"{part}.{key}"
+            torch.testing.assert_close(wc[part][key], wp[part][key], atol=1e-5, rtol=1e-4)
+
+
+def test_dataset_holds_paths_not_pixels(pairs_root):
+    """Memory does not grow with the data: the dataset keeps paths and strings only."""
+    import torch
+
+    from components.model.tiny.blip_diffusion import build_tiny
+
+    data = train_subject.PairDataset(build_tiny(0), _frame(pairs_root), pairs_root, 16, "neutral")
+    assert not [k for k, v in vars(data).items() if isinstance(v, torch.Tensor)]
+    item = data[0]
+    assert item["pixels"].shape[0] == 3 and item["target"].shape == (3, 16, 16)
+
+
+@pytest.mark.slow
+def test_learning_rate_per_optimizer_step_does_not_depend_on_the_process_count(tmp_path):
+    from tests.conftest import REPO
+    from tests.dist_lr_check import rates
+    from tests.test_flow import _free_port
+
+    one = rates()
+    assert one["processes"] == 1
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(_free_port()), str(REPO / "tests" / "dist_lr_check.py")],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert two["processes"] == 2
+    for kind in ("constant", "cosine"):
+        assert two[kind] == pytest.approx(one[kind], abs=1e-12), kind
+    assert one["cosine"][-1] == pytest.approx(0.0, abs=1e-12)  # cosine reaches 0 at the last step, not halfway

@@ -6,6 +6,7 @@ place only when complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -46,3 +47,16 @@ def round_floats(data: Any, digits: int = 6) -> Any:
 def write_json(data: dict[str, Any], path: Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def state_hash(state: dict) -> str:
+    """sha256 of a state dict: every tensor by name, with its dtype, shape and bytes (any dtype,
+    bf16 included). Used for model bases, cache keys and checkpoints' fingerprints."""
+    import torch
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

@@ -76,36 +76,67 @@ class BlipDiffusion:
         return embeds.mean(dim=0, keepdim=True)
 
     # ---------------------------------------------------------------- latents
+    @staticmethod
+    def vae_pixels(image: np.ndarray, resolution: int) -> torch.Tensor:
+        """The VAE's input for one RGB image: bicubic resize to `resolution`, scaled to [-1, 1]."""
+        pil = Image.fromarray(image).convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(pil, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
+
+    @torch.no_grad()
+    def latent_moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE's latent distribution of `vae_pixels` batches: (B, 2, C, h, w), mean and std
+        (unscaled). A sample is mean + std * eps, times the VAE's scaling factor."""
+        out = []
+        for chunk in pixels.to(self.device, self.vae.dtype).split(32):
+            dist = self.vae.encode(chunk).latent_dist
+            out.append(torch.stack([dist.mean, dist.std], 1))
+        return torch.cat(out)
+
+    def latents_from_moments(self, moments: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled latents: the distribution's mode (eps None) or the sample mean + std * eps."""
+        mean, std = moments.unbind(1)
+        latents = mean if eps is None else mean + std * eps.to(mean.device, mean.dtype)
+        return latents * self.vae.config.scaling_factor
+
     @torch.no_grad()
     def encode_latents(self, images: Sequence[np.ndarray], resolution: int,
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """Scaled VAE latents of RGB images resized to `resolution`: the distribution's mode, or
         a sample from it when a generator is given."""
-        pixels = torch.stack([
-            torch.from_numpy(np.asarray(Image.fromarray(im).convert("RGB").resize((resolution, resolution),
-                                                                               Image.Resampling.BICUBIC),
-                                        dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
-            for im in images
-        ]).to(self.device, self.vae.dtype)
-        dists = [self.vae.encode(chunk).latent_dist for chunk in pixels.split(32)]
-        latents = [d.mode() if generator is None else d.sample(generator=generator) for d in dists]
-        return torch.cat(latents) * self.vae.config.scaling_factor
+        pixels = torch.stack([self.vae_pixels(im, resolution) for im in images])
+        moments = self.latent_moments(pixels)
+        eps = None if generator is None else torch.randn(moments[:, 0].shape, generator=generator)
+        return self.latents_from_moments(moments, eps)
 
     # ---------------------------------------------------------------- prompts
     @staticmethod
-    def build_prompt(prompt: str, target_subject: str, prompt_strength: float, prompt_reps: int) -> str:
-        """The reference's prompt: "a {subject} {prompt}" repeated (strength x reps) times."""
-        one = f"a {target_subject} {prompt.strip()}"
+    def build_prompt(prompt: str, target_subject: str, prompt_strength: float = 1.0, prompt_reps: int = 1) -> str:
+        """The reference's prompt: "a {subject} {prompt}" repeated (strength x reps) times.
+
+        The one prompt builder of the project: training (stage 2, fine-tuning), the learning
+        checks and generation all condition on its text, with the subject embeddings spliced
+        in at `ctx_begin_pos` (2: after the start token and "a").
+        """
+        one = f"a {target_subject} {prompt.strip()}".strip()
         return ", ".join([one] * int(prompt_strength * prompt_reps))
 
-    def encode_prompts(self, prompts: list[str], subject_embeds: torch.Tensor) -> torch.Tensor:
-        """Context text embeddings: prompt tokens with the subject embeddings spliced in."""
-        max_len = self.text_encoder.config.max_position_embeddings - subject_embeds.shape[1]
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=max_len,
-                                return_tensors="pt")
-        embeds = subject_embeds.expand(len(prompts), -1, -1)
-        return self.text_encoder(tokens.input_ids.to(self.device), ctx_embeddings=embeds,
+    def prompt_ids(self, prompts: list[str], num_query: int) -> torch.Tensor:
+        """Token ids (CPU) of built prompts, padded to the text length less `num_query` (the
+        room the subject embeddings take; 0 for a prompt without them)."""
+        max_len = self.text_encoder.config.max_position_embeddings - num_query
+        return self.tokenizer(prompts, padding="max_length", truncation=True, max_length=max_len,
+                              return_tensors="pt").input_ids
+
+    def encode_prompt_ids(self, ids: torch.Tensor, subject_embeds: torch.Tensor) -> torch.Tensor:
+        """Context text embeddings: prompt tokens with the subject embeddings (one per prompt,
+        or one shared) spliced in at `ctx_begin_pos`."""
+        embeds = subject_embeds.expand(len(ids), -1, -1) if len(subject_embeds) == 1 else subject_embeds
+        return self.text_encoder(ids.to(self.device), ctx_embeddings=embeds,
                                  ctx_begin_pos=self.ctx_begin_pos).last_hidden_state
+
+    def encode_prompts(self, prompts: list[str], subject_embeds: torch.Tensor) -> torch.Tensor:
+        """Context text embeddings of built prompts (see `build_prompt`)."""
+        return self.encode_prompt_ids(self.prompt_ids(prompts, subject_embeds.shape[1]), subject_embeds)
 
     def encode_negative(self, negative_prompt: str, count: int) -> torch.Tensor:
         """The unconditional branch: the negative prompt alone, without subject embeddings."""

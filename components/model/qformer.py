@@ -123,8 +123,11 @@ class BlipDiffusionQFormer(Blip2PreTrainedModel):
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        batch = pixel_values.shape[0]
+        """`image_embeds`: the image encoder's output for `pixel_values` when already known (it
+        is frozen in every training stage, so it can be cached); `pixel_values` may then be None."""
+        batch = (pixel_values if image_embeds is None else image_embeds).shape[0]
         if input_ids.shape[0] != batch:
             raise ValueError(f"{batch} images but {input_ids.shape[0]} class texts")
         num_query = self.query_tokens.shape[1]
@@ -136,7 +139,8 @@ class BlipDiffusionQFormer(Blip2PreTrainedModel):
                           attention_mask], dim=1)
         # Additive mask over keys: padding of the class text is never attended to.
         additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-        image_embeds = self.visual_encoder(pixel_values)
+        if image_embeds is None:
+            image_embeds = self.visual_encoder(pixel_values)
         out = self.encoder(
             hidden,
             attention_mask=additive,

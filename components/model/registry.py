@@ -34,10 +34,21 @@ def _tensor_hash(state: dict) -> str:
     return digest.hexdigest()
 
 
+# The image encoder's last LayerNorm is BLIP-2's `ln_vision`: stage 1 trains it, so a model
+# trained from stage 1's Q-Former stores it with the trained parts.
+LN_VISION = VISUAL_PREFIX + "post_layernorm."
+
+
+def _is_frozen_key(key: str) -> bool:
+    return key.startswith(VISUAL_PREFIX) and not key.startswith(LN_VISION)
+
+
 def _frozen_parts(model) -> dict[str, dict]:
-    """The parts stage 2 never trains: the VAE and the Q-Former's image encoder."""
+    """The parts no training stage changes: the VAE and the Q-Former's image encoder (less
+    `ln_vision`)."""
     visual = {VISUAL_PREFIX + k: v for k, v in model.qformer.visual_encoder.state_dict().items()}
-    return {"vae": model.vae.state_dict(), "qformer.visual_encoder": visual}
+    return {"vae": model.vae.state_dict(),
+            "qformer.visual_encoder": {k: v for k, v in visual.items() if _is_frozen_key(k)}}
 
 
 def _donor(base: dict):
@@ -66,7 +77,7 @@ def trained_parts(checkpoint: Path, out: Path, base: dict) -> bool:
         for file in (checkpoint / sub).glob("*.safetensors"):
             state = load_file(file)
             if sub == "qformer":
-                state = {k: v for k, v in state.items() if not k.startswith(VISUAL_PREFIX)}
+                state = {k: v for k, v in state.items() if not _is_frozen_key(k)}
             save_file(state, out / sub / file.name, metadata={"format": "pt"})
     (out / BASE_FILE).write_text(json.dumps({**base, "frozen_sha256": frozen}, indent=2) + "\n")
     return True

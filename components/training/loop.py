@@ -1,10 +1,15 @@
-"""What the training stages share: accelerate set-up, per-step random draws, resumable
-checkpoints, peak memory.
+"""What the training stages share: accelerate set-up, learning-rate schedules, per-step
+random draws, resumable checkpoints, peak memory.
 
 Every training stage runs under accelerate (`accelerate launch ... -m components.cli
 <stage>` for several processes). Each micro-batch draws its data, noise and timesteps
 from a generator seeded by (seed, step, micro-batch, process), so a run resumed from a
 checkpoint ends with the same weights as an uninterrupted one.
+
+Checkpoints: accelerate's `ProjectConfiguration` (automatic checkpoint naming, the two
+newest kept) under `models/.checkpoints/<stage>/checkpoints/checkpoint_<n>`. A fresh run
+empties that folder first; each checkpoint records its step and the hashes of the params
+and of the input data, and resume refuses a checkpoint whose hashes differ.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import gc
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import time
@@ -27,15 +33,14 @@ import torch
 from components.core import tracking
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path, round_floats
+from components.training.data import step_generator  # noqa: F401  (the stages' per-step draws)
 
 log = logging.getLogger(__name__)
 
 STOP_AFTER_ENV = "BLIPDIFF_STOP_AFTER_STEP"  # tests: end the run after this step, as a kill would
 
 
-def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
-    """The generator of one micro-batch: a function of its position in the run only."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 101 + micro) * 1009 + rank)
+KEEP_CHECKPOINTS = 2
 
 
 def mixed_precision(value: str, section: str) -> str:
@@ -47,16 +52,38 @@ def mixed_precision(value: str, section: str) -> str:
     return "fp16" if torch.cuda.is_available() else "no"
 
 
-def make_accelerator(gradient_accumulation_steps: int, precision: str, section: str):
+def make_accelerator(gradient_accumulation_steps: int, precision: str, section: str, ckpt_root: Path):
+    """An Accelerator whose `save_state` writes numbered checkpoints under `ckpt_root`, keeping
+    the newest `KEEP_CHECKPOINTS`."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     return Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
         mixed_precision=mixed_precision(precision, section), cpu=not torch.cuda.is_available(),
+        project_config=ProjectConfiguration(project_dir=str(ckpt_root), automatic_checkpoint_naming=True,
+                                            total_limit=KEEP_CHECKPOINTS),
         # Dropped subject prompts leave some parameters without a gradient in a step.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+
+
+def make_schedule(kind: str, optimizer, accelerator, warmup_steps: int, total_steps: int):
+    """Warmup then constant or cosine, in optimizer steps of one process.
+
+    accelerate's prepared scheduler steps once per process for every optimizer step (it
+    assumes each process's batch counts), so the schedule is laid out over
+    `num_processes` times the steps, as diffusers' training scripts do: every process count
+    then sees the same learning rate at the same optimizer step.
+    """
+    from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    n = accelerator.num_processes
+    if kind == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup_steps * n)
+    if kind == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup_steps * n, total_steps * n)
+    raise BlipDiffError(f"unknown learning-rate schedule {kind!r}")
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -111,31 +138,43 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def save_checkpoint(accelerator, ckpt_root: Path, step: int, config_hash: str, ema=None,
-                    curve: list[dict] | None = None) -> None:
-    """accelerate's save_state plus the step, a hash of the params and the training curve so
-    far; keeps the two newest."""
+def checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints (those with their training state written), oldest first."""
+    found = [p for p in (ckpt_root / "checkpoints").glob("checkpoint_*") if (p / "training_state.json").is_file()]
+    return sorted(found, key=lambda p: int(re.findall(r"\d+$", p.name)[0]))
+
+
+def start_fresh(accelerator, ckpt_root: Path) -> None:
+    """A run without --resume starts from an empty checkpoint folder: nothing of an earlier
+    run can be resumed into this one."""
+    if accelerator.is_main_process and ckpt_root.exists():
+        shutil.rmtree(ckpt_root)
+        log.info("cleared %s (fresh run)", ckpt_root)
     accelerator.wait_for_everyone()
-    target = ckpt_root / f"step-{step:06d}"
-    accelerator.save_state(str(target))
+
+
+def save_checkpoint(accelerator, step: int, fingerprint: dict, ema=None, curve: list[dict] | None = None) -> Path:
+    """accelerate's save_state (numbered, rotated by accelerate) plus the step, the params and
+    data hashes (`fingerprint`) and the training curve so far."""
+    accelerator.wait_for_everyone()
+    target = Path(accelerator.save_state())
     if accelerator.is_main_process:
         if ema is not None:
             torch.save(ema.state_dict(), target / "ema.pt")
-        state = {"step": step, "config_hash": config_hash, "curve": curve or []}
+        state = {"step": step, **fingerprint, "curve": curve or []}
         (target / "training_state.json").write_text(json.dumps(state) + "\n")
-        for old in sorted(ckpt_root.glob("step-*"))[:-2]:
-            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+    return target
 
 
-def load_checkpoint(accelerator, ckpt_root: Path, resume: str, config_hash: str, stage: str,
+def load_checkpoint(accelerator, ckpt_root: Path, resume: str, fingerprint: dict, stage: str,
                     ema=None) -> tuple[int, list[dict]]:
-    """Restore `resume` ("latest" or a folder); refuse one made with other params. Returns its
-    step and the training curve up to it."""
+    """Restore `resume` ("latest" or a folder); refuse one made with other params or other
+    input data. Returns its step and the training curve up to it."""
     if resume == "latest":
-        found = sorted(p for p in ckpt_root.glob("step-*") if (p / "training_state.json").is_file())
+        found = checkpoints(ckpt_root)
         if not found:
-            raise BlipDiffError(f"--resume latest: no checkpoint in {ckpt_root}")
+            raise BlipDiffError(f"--resume latest: no checkpoint in {ckpt_root / 'checkpoints'}")
         path = found[-1]
     else:
         path = Path(resume)
@@ -143,22 +182,38 @@ def load_checkpoint(accelerator, ckpt_root: Path, resume: str, config_hash: str,
     if not state_file.is_file():
         raise BlipDiffError(f"{path}: not a {stage} checkpoint (no training_state.json)")
     state = json.loads(state_file.read_text())
-    if state["config_hash"] != config_hash:
-        raise BlipDiffError(f"{path}: checkpoint was made with other {stage}/preset params "
-                            f"({state['config_hash']} != {config_hash}); start fresh without --resume")
+    for key, what in (("config_hash", f"other {stage}/preset params"), ("data_hash", "other input data")):
+        if state.get(key) != fingerprint[key]:
+            raise BlipDiffError(f"{path}: checkpoint was made with {what} ({key} {state.get(key)} != "
+                                f"{fingerprint[key]}); start fresh without --resume")
     accelerator.load_state(str(path))
+    # Later saves continue the numbering after the newest checkpoint there.
+    numbers = [int(re.findall(r"\d+$", p.name)[0]) for p in (ckpt_root / "checkpoints").glob("checkpoint_*")]
+    accelerator.project_configuration.iteration = max(numbers, default=-1) + 1
     if ema is not None and (path / "ema.pt").is_file():
         ema.load_state_dict(torch.load(path / "ema.pt"))
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"]), list(state.get("curve", []))
 
 
+RESULT_NEUTRAL = ("num_workers",)  # params that cannot change a run's weights: resume may change them
+
+
 def config_hash(params, section: str) -> str:
-    return tracking.params_hash({"preset": params.preset, section: getattr(params, section).model_dump()})
+    values = {k: v for k, v in getattr(params, section).model_dump().items() if k not in RESULT_NEUTRAL}
+    return tracking.params_hash({"preset": params.preset, section: values})
+
+
+def fingerprint(params, section: str, manifest: Path, files: list[Path], producer: str) -> dict:
+    """What a checkpoint must match to be resumed: the stage's params and its input data
+    (`producer`: the stage that writes the files, named when one is missing)."""
+    from components.training.data import data_hash
+
+    return {"config_hash": config_hash(params, section), "data_hash": data_hash(manifest, files, producer)}
 
 
 def train_loop(accelerator, module, optimizer, lr_schedule, trainable: list, cfg, *, stage: str, start: int,
-               ckpt_root: Path, config_hash: str, loss_fn: Callable, ema=None,
+               fingerprint: dict, loss_fn: Callable, ema=None,
                log_extra: Callable[[], dict] | None = None,
                after_step: Callable[[int], None] | None = None,
                curve: list[dict] | None = None) -> tuple[list[dict[str, float]], float]:
@@ -205,7 +260,7 @@ def train_loop(accelerator, module, optimizer, lr_schedule, trainable: list, cfg
         if after_step is not None:
             after_step(done)
         if done % cfg.checkpoint_every == 0 or done == stop_after:
-            save_checkpoint(accelerator, ckpt_root, done, config_hash, ema, curve)
+            save_checkpoint(accelerator, done, fingerprint, ema, curve)
         if done == stop_after:
             raise BlipDiffError(f"stopped after step {done} ({STOP_AFTER_ENV}); resume with --resume latest")
     return history, time.perf_counter() - t0

@@ -68,7 +68,7 @@ def build_tiny(seed: int = 0, image_size: int = 64) -> BlipDiffusion:
 @torch.no_grad()
 def _calibrate_latent_scale(vae, image_size: int, seed: int) -> None:
     """Set the VAE's scaling factor so that latents have unit variance, as SD's 0.18215 does
-    for its VAE. A random VAE's latents are far smaller: with SD's factor the diffusion
+    for its VAE, and its posterior's width to a trained VAE's. A random VAE's latents are far smaller: with SD's factor the diffusion
     target would drown in the noise and the UNet could ignore its conditioning."""
     from components.data.backgrounds import background_pool
 
@@ -76,3 +76,9 @@ def _calibrate_latent_scale(vae, image_size: int, seed: int) -> None:
     pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)
     std = vae.encode(pixels).latent_dist.mode().std().item()
     vae.register_to_config(scaling_factor=round(1.0 / std, 4))
+    # A trained VAE's posterior is narrow (SD's: std about 1% of the latents' spread); a random
+    # one's log-variance output is as wide as its mean's, so a latent sampled from it (as
+    # training does, per step) would be mostly noise. Give it a constant narrow posterior.
+    channels = vae.config.latent_channels
+    vae.quant_conv.weight[channels:] = 0.0
+    vae.quant_conv.bias[channels:] = 2.0 * float(np.log(0.01 * std))
