@@ -1,14 +1,20 @@
 """Stage pretrain_qformer: the three BLIP-2 objectives, their masks, resume, bad input, and
 that it learns (held-out image-to-text retrieval well above chance)."""
 
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from components.core import paths
-from components.core.config import Params
+from components.core.config import Params, PretrainQFormerConfig
 from components.core.errors import BlipDiffError
 from components.data.manifests import SUBJECTS_SCHEMA, read_manifest, write_parquet
 from components.model.layout import load_qformer
@@ -16,6 +22,7 @@ from components.model.tiny.blip_diffusion import build_tiny
 from components.stages import ingest, pretrain_qformer, train_subject
 from components.training.loop import STOP_AFTER_ENV
 
+GOLDEN_STAGE1 = Path(__file__).parent / "fixtures" / "golden_stage1"
 SMALL = {"synthetic": {"num_subjects": 3, "min_views": 3, "max_views": 3, "image_size": 48}}
 
 
@@ -85,6 +92,122 @@ def test_hard_negatives_never_share_the_text():
     assert (pretrain_qformer._draw_negatives(lonely, g) != torch.arange(3)).all()
 
 
+def _golden_stage1():
+    """The tiny Stage1 and inputs of tests/fixtures/golden_stage1 (scripts/golden/make_stage1_golden.py)."""
+    info = json.loads((GOLDEN_STAGE1 / "model.json").read_text())
+    model = build_tiny(0)
+    stage1 = pretrain_qformer.Stage1(model.qformer, info["embed_dim"], info["bos_token_id"]).eval()
+    missing, unexpected = stage1.load_state_dict(load_file(GOLDEN_STAGE1 / "weights.safetensors"), strict=False)
+    assert not unexpected
+    # everything the losses use is in the fixture: only the frozen image encoder's body and stage 2's projection are not
+    assert all(k.startswith(("qformer.visual_encoder.", "qformer.proj_layer.")) for k in missing)
+    assert not [k for k in missing if "post_layernorm" in k]
+    return stage1, info, load_file(GOLDEN_STAGE1 / "inputs.safetensors")
+
+
+def _golden_losses(stage1, inputs, case, negatives, **cfg):
+    """Our losses on a fixture case, with the ITM negatives the reference drew."""
+    stage1.hard_negatives = lambda w_i2t, w_t2i, generator, offset: (
+        torch.tensor(negatives["neg_text"]), torch.tensor(negatives["neg_image"]))
+    stage1.zero_grad()
+    embeds = stage1.ln_vision(inputs["image_body"])
+    config = PretrainQFormerConfig(embed_dim=stage1.vision_proj.out_features, **cfg)
+    return stage1.losses(embeds, inputs[f"{case}/text_idx"], inputs[f"{case}/ids"], inputs[f"{case}/mask"],
+                         config, None)
+
+
+@pytest.mark.parametrize("case", ["distinct", "shared"])
+def test_losses_match_lavis_blip2_qformer(case):
+    """ITC, ITM and ITG and their gradients equal LAVIS's `Blip2Qformer.forward` (BLIP-2
+    stage 1) on the same weights, inputs and ITM negatives. `distinct`: six captions;
+    `shared`: captions 0 0 1 2 2 3 (LAVIS's branch with `image_id`: soft ITC targets)."""
+    stage1, _, inputs = _golden_stage1()
+    golden = json.loads((GOLDEN_STAGE1 / "golden.json").read_text())["cases"][case]
+    grads = {k.split("/", 1)[1]: v for k, v in load_file(GOLDEN_STAGE1 / "grads.safetensors").items()
+             if k.startswith(f"{case}/")}
+    losses = _golden_losses(stage1, inputs, case, golden)
+    for name in ("itc", "itm", "itg", "loss"):
+        assert abs(losses[name].item() - golden[name]) < 1e-5, (name, losses[name].item(), golden[name])
+    losses["loss"].backward()
+    params = dict(stage1.named_parameters())
+    assert {"temp", "qformer.query_tokens", "qformer.visual_encoder.post_layernorm.weight"} <= grads.keys()
+    for key, ref in grads.items():
+        torch.testing.assert_close(params[key].grad, ref, atol=1e-5, rtol=1e-4, msg=key)
+    # The fixture tells: without BLIP-2's label smoothing, ITC is another number; with the
+    # gradient through both sides' features, the gradients differ.
+    plain = _golden_losses(stage1, inputs, case, golden, itc_label_smoothing=0.0)
+    assert abs(plain["itc"].item() - golden["itc"]) > 1e-3
+    _golden_losses(stage1, inputs, case, golden, itc_full_gradient=True)["loss"].backward()
+    assert (params["text_proj.weight"].grad - grads["text_proj.weight"]).abs().max() > 1e-2
+
+
+def test_itc_label_smoothing_mixes_a_uniform_target():
+    """ITC with smoothing e: cross-entropy against target * (1 - e) + e / N, N the batch;
+    rows of the same caption share the target; e = 0 is the plain contrastive loss."""
+    stage1, _, inputs = _golden_stage1()
+    golden = json.loads((GOLDEN_STAGE1 / "golden.json").read_text())["cases"]["shared"]
+    idx = inputs["shared/text_idx"]
+    with torch.no_grad():
+        embeds = stage1.ln_vision(inputs["image_body"])
+        sim = stage1.similarity(stage1.image_features(embeds),
+                                stage1.text_features(inputs["shared/ids"], inputs["shared/mask"])) / stage1.temp
+        same = (idx[:, None] == idx[None]).float()
+        for e in (0.0, 0.1, 0.3):
+            target = same / same.sum(1, keepdim=True) * (1 - e) + e / len(idx)
+            by_hand = -0.5 * ((target * sim.log_softmax(1)).sum(1).mean() + (target * sim.t().log_softmax(1)).sum(1).mean())
+            ours = _golden_losses(stage1, inputs, "shared", golden, itc_label_smoothing=e)["itc"]
+            torch.testing.assert_close(ours, by_hand, atol=1e-6, rtol=0)
+    assert PretrainQFormerConfig().itc_label_smoothing == 0.1 == Params().pretrain_qformer.itc_label_smoothing
+
+
+def test_ln_vision_is_the_only_trained_part_of_the_image_encoder():
+    """BLIP-2's ln_vision is the image encoder's final LayerNorm: the Q-Former reads
+    `visual_encoder(pixels)`, gradients reach that LayerNorm and nothing before it."""
+    stage1, model = _stage1()
+    stage1.qformer.visual_encoder.requires_grad_(False)
+    stage1.ln_vision.requires_grad_(True)
+    pixels = torch.randn(2, 3, 32, 32)
+    embeds = stage1.image_embeds(pixels)
+    torch.testing.assert_close(embeds, stage1.qformer.visual_encoder(pixels))
+    assert stage1.image_body(pixels).grad_fn is None  # the body runs without a graph
+    stage1.image_features(embeds).sum().backward()
+    assert stage1.ln_vision.weight.grad is not None and stage1.ln_vision.weight.grad.abs().sum() > 0
+    trainable = {n for n, p in stage1.qformer.visual_encoder.named_parameters() if p.requires_grad}
+    assert trainable == {"post_layernorm.weight", "post_layernorm.bias"}
+
+
+@pytest.mark.slow
+def test_two_processes_see_the_global_batch(tmp_path):
+    """Under `accelerate launch` with 2 processes (gloo), each holding half of a batch of 8:
+    ITC softmaxes over all 8, the same-caption positives and ITM negatives are global, and
+    the losses and gradients averaged over the processes equal one process's on all 8
+    (tests/dist_itc_check.py asserts it and writes what it measured)."""
+    from tests.test_flow import _free_port
+
+    out = tmp_path / "dist.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                             "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
+                             "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+                             str(Path(__file__).parent / "dist_itc_check.py"), str(out)],
+                            cwd=Path(__file__).parents[1], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"2 processes hung:\n{log[-3000:]}")
+    assert proc.returncode == 0, log[-3000:]
+    result = json.loads(out.read_text())
+    assert result["processes"] == 2 and result["global_batch"] == 8
+    for suffix in ("", "_full_gradient"):  # BLIP-2's ITC gradient, and through both sides
+        assert result[f"max_loss_diff{suffix}"] < 1e-5 and result[f"max_grad_diff{suffix}"] < 1e-5, result
+        assert result[f"max_weights_diff{suffix}"] < 1e-6, result
+    # the local-only loss (each process's 4 rows on their own) is another number
+    assert result["local_itc_diff"] > 1e-3, result
+
+
 def test_resumed_run_ends_with_the_same_weights_and_folder_loads(subjects_root, tmp_path, monkeypatch):
     a = _copy(subjects_root, tmp_path / "a")
     metrics, _ = pretrain_qformer.run(_params(), a)
@@ -112,6 +235,8 @@ def test_resumed_run_ends_with_the_same_weights_and_folder_loads(subjects_root, 
     assert not torch.equal(trained["query_tokens"], untrained["query_tokens"])
     torch.testing.assert_close(trained["visual_encoder.embeddings.patch_embedding.weight"],
                                untrained["visual_encoder.embeddings.patch_embedding.weight"])  # frozen
+    # but for its final LayerNorm, BLIP-2's ln_vision, trained in this stage and saved with the Q-Former
+    assert not torch.equal(trained["visual_encoder.post_layernorm.weight"], untrained["visual_encoder.post_layernorm.weight"])
 
     with pytest.raises(BlipDiffError, match="other pretrain_qformer/preset params"):
         pretrain_qformer.run(_params(learning_rate=1e-4), b, resume="latest")

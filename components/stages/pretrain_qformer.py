@@ -1,30 +1,43 @@
 """Stage `pretrain_qformer`: BLIP-2 stage 1, vision-language representation learning.
 
-LAVIS never released BLIP-Diffusion's pre-training code; this follows the BLIP-2 paper
-(Li et al. 2023, Sec. 3.2). The image encoder is frozen; the Q-Former (its query tokens,
-layers and text embeddings) learns three objectives on image-caption pairs, each with
-its own attention mask over [queries | text]:
+BLIP-Diffusion starts from BLIP-2's stage-1 Q-Former; the code of that stage is public in
+LAVIS (`lavis/models/blip2_models/blip2_qformer.py`, `Blip2Qformer.forward`), and the three
+losses here follow it (checked against it on a tiny model: tests/test_pretrain_qformer.py,
+fixtures by scripts/golden/make_stage1_golden.py). The image encoder is frozen except its
+final LayerNorm, which is BLIP-2's `ln_vision` (fresh and trained there; the released
+BLIP-Diffusion checkpoint carries it as `visual_encoder.post_layernorm`). The Q-Former (its
+query tokens, layers and text embeddings) learns three objectives on image-caption pairs,
+each with its own attention mask over [queries | text]:
 
 - ITC, image-text contrastive: query outputs and the text's [CLS] output are projected
   and L2-normalised; an image-text similarity is the best of its query similarities;
-  in-batch softmax with a learnable temperature. Queries and text do not see each other.
+  softmax over the global batch (every process's images and texts, gathered; as in
+  BLIP-2 the gathered side carries no gradient unless `itc_full_gradient`) with a
+  learnable temperature, cross-entropy with label smoothing (`itc_label_smoothing`,
+  BLIP-2: 0.1). Queries and text do not see each other.
 - ITM, image-text matching: queries and text attend to each other; a binary head on the
   query outputs, averaged, tells matched from unmatched. Negatives are hard ones, drawn
-  in proportion to the ITC similarities (one text per image and one image per text).
+  from the global batch in proportion to the ITC similarities (one text per image and one
+  image per text).
 - ITG, image-grounded text generation: the text, [DEC] first, is predicted token by
   token (causal mask) while it attends to all queries; the queries see only each other,
-  so everything the text learns about the image must pass through them.
+  so everything the text learns about the image must pass through them. Cross-entropy
+  with label smoothing (`label_smoothing`, BLIP-2: 0.1).
 
 Captions come from the manifest's caption column, else from class templates ("a photo of
 a dog"); synthetic subjects carry captions built from their colour, shape and texture.
-Rows that share a caption are positives of each other in ITC and never drawn as ITM
-negatives. The ITC softmax runs over each process's own batch.
+Rows that share a caption are positives of each other in ITC (soft targets, spread evenly
+over them, then smoothed: LAVIS's own rule when it knows which rows are the same, its
+`image_id` branch) and never drawn as ITM negatives. Where every caption differs this is
+exactly BLIP-2's `cross_entropy(sim, arange, label_smoothing=0.1)`.
+
+Images stream from disk through a DataLoader (`num_workers` seeded workers); each step's
+rows come from the step's seeded generator, so a resumed run reads the same batches.
 
 Output `models/qformer/`: the Q-Former folder in the released layout (the subject
 encoder loads it, and `train_subject` starts from it), plus the pre-training heads in
 `heads/` to continue from. Learning check: image-to-text retrieval R@1 by ITC on the
-held-out (split "test") images, against the chance of picking the caption at random.
-"""
+held-out (split "test") images, against the chance of picking the caption at random."""
 
 from __future__ import annotations
 
@@ -35,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset, default_collate
 
 from components.core.config import Params, PretrainQFormerConfig
 from components.core.errors import BlipDiffError
@@ -43,6 +57,7 @@ from components.core.paths import QFORMER_DIR, SUBJECTS_MANIFEST, checkpoint_dir
 from components.data.images import read_listed_rgb
 from components.data.manifests import SUBJECTS_SCHEMA, read_manifest
 from components.model.presets import from_preset
+from components.training import data as streaming
 from components.training import loop as training
 
 log = logging.getLogger(__name__)
@@ -63,19 +78,27 @@ def row_captions(caption: str | None, class_name: str) -> list[str]:
     return [t.format(class_name) for t in CLASS_TEMPLATES]
 
 
-class CaptionData:
-    """Images (processed once; the image encoder is frozen) and their tokenized candidate texts."""
+class CaptionData(Dataset):
+    """Images read from disk when a batch needs them (paths kept, not pixels) and their
+    tokenized candidate texts."""
 
     def __init__(self, frame, root: Path, image_processor, tokenizer, max_length: int):
         per_row = [row_captions(c, k) for c, k in zip(frame["caption"], frame["class_name"])]
         self.texts = list(dict.fromkeys(t for texts in per_row for t in texts))
-        self.row_texts = [[self.texts.index(t) for t in texts] for texts in per_row]
-        images = [read_listed_rgb(root, p, SUBJECTS_MANIFEST, "ingest") for p in frame["image_path"]]
-        self.pixels = image_processor(images)
+        index = {t: i for i, t in enumerate(self.texts)}
+        self.row_texts = [[index[t] for t in texts] for texts in per_row]
+        self.root, self.paths, self.processor = root, list(frame["image_path"]), image_processor
         self.ids, self.mask = tokenize(tokenizer, self.texts, max_length)
 
     def __len__(self) -> int:
-        return len(self.pixels)
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        image = read_listed_rgb(self.root, self.paths[i], SUBJECTS_MANIFEST, "ingest")
+        return {"index": i, "pixels": self.processor([image])[0]}
+
+    def batch(self, rows) -> dict:
+        return default_collate([self[int(i)] for i in rows])
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,13 +127,19 @@ def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.stack(out)
 
 
-def draw(cfg: PretrainQFormerConfig, data: CaptionData, step: int, micro: int, rank: int):
-    """Rows, their texts and the generator for ITM negatives: a function of the position in the run."""
+def draw(cfg: PretrainQFormerConfig, data: CaptionData, step: int, micro: int, rank: int,
+         batch: dict | None = None):
+    """Rows' pixels, their texts and the generator for ITM negatives: a function of the
+    position in the run. `batch`: those rows as the loader read them (else read here)."""
     g = training.step_generator(cfg.seed, step, micro, rank)
-    rows = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
+    rows = streaming.draw_rows(g, len(data), cfg.batch_size)
     texts = torch.tensor([data.row_texts[r][int(torch.randint(0, len(data.row_texts[r]), (1,), generator=g))]
                           for r in rows.tolist()])
-    pixels = data.pixels[rows]
+    if batch is None:
+        batch = data.batch(rows)
+    elif not torch.equal(batch["index"], rows):
+        raise BlipDiffError(f"pretrain_qformer: loader out of step at step {step}.{micro}")
+    pixels = batch["pixels"]
     if cfg.augment:
         pixels = augment(pixels, g)
     return pixels, texts, g
@@ -149,9 +178,21 @@ class Stage1(nn.Module):
     def num_query(self) -> int:
         return self.qformer.query_tokens.shape[1]
 
-    def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
+    @property
+    def ln_vision(self) -> nn.LayerNorm:
+        """BLIP-2's `ln_vision`: the image encoder's final LayerNorm, trained in this stage."""
+        return self.qformer.visual_encoder.post_layernorm
+
+    def image_body(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The frozen image encoder up to its final LayerNorm, without gradients."""
+        encoder = self.qformer.visual_encoder
         with torch.no_grad():
-            return self.qformer.visual_encoder(pixels.to(self.temp.device))
+            hidden = encoder.pre_layernorm(encoder.embeddings(pixels.to(self.temp.device)))
+            return encoder.encoder(inputs_embeds=hidden).last_hidden_state
+
+    def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
+        """What the Q-Former reads: `visual_encoder(pixels)`, the gradient reaching `ln_vision` only."""
+        return self.ln_vision(self.image_body(pixels))
 
     def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Normalised projected query outputs (B, Q, E): the queries read the image, no text."""
@@ -201,30 +242,66 @@ class Stage1(nn.Module):
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
                                ignore_index=-100, label_smoothing=label_smoothing)
 
+    def hard_negatives(self, weights_i2t: torch.Tensor, weights_t2i: torch.Tensor,
+                       generator: torch.Generator | None, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM negatives, indices into the global batch: a text for each of this process's
+        images, then an image for each of its texts, in proportion to the (local, global)
+        weights. `offset`: this process's first row in the global batch. A method, so
+        that a test can give both sides of a comparison the same draws."""
+        return (_draw_negatives(weights_i2t, generator, offset),
+                _draw_negatives(weights_t2i, generator, offset))
+
     def forward(self, pixels, text_idx, data: CaptionData, cfg: PretrainQFormerConfig,
-                generator: torch.Generator) -> dict[str, torch.Tensor]:
+                generator: torch.Generator, gather: bool = True) -> dict[str, torch.Tensor]:
         device = self.temp.device
         ids, mask = data.ids[text_idx].to(device), data.mask[text_idx].to(device)
-        image_embeds = self.image_embeds(pixels)
-        same = (text_idx[:, None] == text_idx[None, :]).to(device)
+        return self.losses(self.image_embeds(pixels), text_idx, ids, mask, cfg, generator, gather)
+
+    def losses(self, image_embeds: torch.Tensor, text_idx: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+               cfg: PretrainQFormerConfig, generator: torch.Generator | None,
+               gather: bool = True) -> dict[str, torch.Tensor]:
+        """The three losses of this process's batch. With `gather` and several processes,
+        ITC's softmax runs over the global batch and ITM draws negatives from it, as
+        BLIP-2 does; `text_idx` (which caption each row has) says which rows are positives."""
+        device = self.temp.device
+        world, rank = _world() if gather else (1, 0)
+        offset = rank * len(ids)
+        text_idx = text_idx.to(device)
         losses: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         image_feats = self.image_features(image_embeds)
         text_feats = self.text_features(ids, mask)
-        sim = self.similarity(image_feats, text_feats) / self.temp
+        # (local rows, global columns). BLIP-2 gathers the other side's features without
+        # gradient (concat_all_gather; it does so in one process too): image-to-text rows
+        # train the image side only, text-to-image rows the text side. itc_full_gradient
+        # lets gradients through the gathered features as well. Either way the losses and
+        # gradients averaged over processes (as DDP does) are those of one process on the
+        # whole batch.
+        if cfg.itc_full_gradient:
+            texts_all, images_all = _all_gather(text_feats, world, grad=True), _all_gather(image_feats, world, grad=True)
+        else:
+            texts_all, images_all = _all_gather(text_feats.detach(), world), _all_gather(image_feats.detach(), world)
+        sim_i2t = self.similarity(image_feats, texts_all) / self.temp
+        sim_t2i = self.similarity(images_all, text_feats).t() / self.temp
+        same = text_idx[:, None] == _all_gather(text_idx, world)[None, :]
+        # BLIP-2: cross_entropy(sim, arange, label_smoothing=0.1). Rows sharing a caption
+        # share the target; smoothing mixes it with the uniform one, target * (1 - e) + e / N.
         targets = same.float() / same.sum(1, keepdim=True)
-        losses["itc"] = -0.5 * ((F.log_softmax(sim, 1) * targets).sum(1).mean()
-                                + (F.log_softmax(sim.t(), 1) * targets).sum(1).mean())
+        smoothing = cfg.itc_label_smoothing
+        losses["itc"] = 0.5 * (F.cross_entropy(sim_i2t.float(), targets, label_smoothing=smoothing)
+                               + F.cross_entropy(sim_t2i.float(), targets, label_smoothing=smoothing))
         if cfg.itm_weight:
             with torch.no_grad():  # hard negatives: drawn in proportion to the ITC similarity
-                weights = torch.softmax(sim.float(), 1).masked_fill(same, 0).cpu()
-                weights_t = torch.softmax(sim.t().float(), 1).masked_fill(same, 0).cpu()
-                neg_text = _draw_negatives(weights, generator).to(device)
-                neg_image = _draw_negatives(weights_t, generator).to(device)
-            all_ids = torch.cat([ids, ids[neg_text], ids])
-            all_mask = torch.cat([mask, mask[neg_text], mask])
-            all_images = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]])
+                weights_i2t = torch.softmax(sim_i2t.float(), 1).masked_fill(same, 0).cpu()
+                weights_t2i = torch.softmax(sim_t2i.float(), 1).masked_fill(same, 0).cpu()
+                neg_text, neg_image = (n.to(device) for n in self.hard_negatives(weights_i2t, weights_t2i,
+                                                                                 generator, offset))
+            ids_world, mask_world = _all_gather(ids, world), _all_gather(mask, world)
+            image_embeds_world = _all_gather(image_embeds, world, grad=True)  # ln_vision's gradient
+            all_ids = torch.cat([ids, ids_world[neg_text], ids])
+            all_mask = torch.cat([mask, mask_world[neg_text], mask])
+            all_images = torch.cat([image_embeds, image_embeds, image_embeds_world[neg_image]])
             logits = self.itm_logits(all_ids, all_mask, all_images)
             labels = torch.cat([torch.ones(len(ids)), torch.zeros(2 * len(ids))]).long().to(device)
             losses["itm"] = F.cross_entropy(logits.float(), labels)
@@ -235,14 +312,55 @@ class Stage1(nn.Module):
         return losses
 
 
-def _draw_negatives(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One index per row, in proportion to `weights`; rows with no negative in the batch
-    (every other row shares their text) fall back to a uniform draw over the others."""
+def _draw_negatives(weights: torch.Tensor, generator: torch.Generator | None, offset: int = 0) -> torch.Tensor:
+    """One index per row, in proportion to `weights` (local rows, global columns; row i is
+    column offset + i); rows with no negative in the batch (every other row shares their
+    text) fall back to a uniform draw over the others."""
     empty = weights.sum(1) <= 0
     if empty.any():
-        fallback = 1.0 - torch.eye(len(weights))
+        fallback = torch.ones_like(weights)
+        rows = torch.arange(len(weights))
+        fallback[rows, rows + offset] = 0.0
         weights = torch.where(empty[:, None], fallback, weights)
     return torch.multinomial(weights, 1, generator=generator).flatten()
+
+
+def _world() -> tuple[int, int]:
+    """(processes, this one's rank) in torch.distributed's default group; (1, 0) outside one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Every process's rows, in rank order. Backward: the gradient of every process's loss
+    with respect to this process's rows, summed (all-reduce; gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world, rank = _world()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        ctx.rows = (rank * len(x), (rank + 1) * len(x))
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rows[0] : ctx.rows[1]]
+
+
+def _all_gather(x: torch.Tensor, world: int, grad: bool = False) -> torch.Tensor:
+    """`x` of every process, concatenated in rank order (each has the same number of rows);
+    `x` itself in a single process. With `grad`, gradients flow back to every process."""
+    if world == 1:
+        return x
+    if grad and x.requires_grad:
+        return _GatherWithGrad.apply(x)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    torch.distributed.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts)
 
 
 # ------------------------------------------------------------------- learning check
@@ -257,7 +375,8 @@ def retrieval(stage1: Stage1, images: CaptionData,
     captions, ids, mask = candidates
     text_feats = torch.cat([stage1.text_features(i.to(device), m.to(device))
                             for i, m in zip(ids.split(64), mask.split(64))])
-    image_feats = torch.cat([stage1.image_features(stage1.image_embeds(p)) for p in images.pixels.split(64)])
+    image_feats = torch.cat([stage1.image_features(stage1.image_embeds(b["pixels"]))
+                             for b in streaming.make_loader(images, batch_size=64)])
     best = stage1.similarity(image_feats, text_feats).argmax(1).cpu()
     truth = torch.tensor([captions.index(images.texts[texts[0]]) for texts in images.row_texts])
     stage1.train(was_training)
@@ -272,7 +391,8 @@ def fixed_batch_losses(stage1: Stage1, data: CaptionData, cfg: PretrainQFormerCo
     was_training = stage1.training
     stage1.eval()
     pixels, texts, g = draw(cfg, data, -1, 0, 0)
-    losses = {k: v.item() for k, v in stage1(pixels, texts, data, cfg, g).items()}
+    # local: the end's call runs on the main process alone
+    losses = {k: v.item() for k, v in stage1(pixels, texts, data, cfg, g, gather=False).items()}
     stage1.train(was_training)
     return losses
 
@@ -282,15 +402,15 @@ def fixed_batch_losses(stage1: Stage1, data: CaptionData, cfg: PretrainQFormerCo
     "pretrain_qformer", "lower pretrain_qformer.batch_size (gradient_accumulation_steps keeps the effective "
     "batch, though ITC and ITM then see fewer in-batch negatives)")
 def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
-    from diffusers.optimization import get_cosine_schedule_with_warmup
-
     cfg = params.pretrain_qformer
     frame = read_manifest(root / SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
     train_frame, held_frame = frame[frame["split"] == "train"], frame[frame["split"] == "test"]
     if train_frame.empty:
         raise BlipDiffError(f"{SUBJECTS_MANIFEST}: no images in the train split (run `dvc repro ingest`)")
 
-    accelerator = training.make_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision, "pretrain_qformer")
+    ckpt_root = root / CHECKPOINT_DIR
+    accelerator = training.make_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision, "pretrain_qformer",
+                                            ckpt_root)
     torch.manual_seed(cfg.seed)
     model = from_preset(params.preset, seed=cfg.seed)
     qformer, tokenizer = model.qformer, model.qformer_tokenizer
@@ -306,32 +426,40 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
 
     qformer.requires_grad_(True)
     qformer.visual_encoder.requires_grad_(False)
+    qformer.visual_encoder.post_layernorm.requires_grad_(True)  # BLIP-2's ln_vision
     qformer.proj_layer.requires_grad_(False)  # stage 2's; pre-training does not reach it
     stage1 = Stage1(qformer, cfg.embed_dim, tokenizer.bos_token_id).to(accelerator.device)
     stage1.train()
     qformer.visual_encoder.eval()
     trainable = [p for p in stage1.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    lr_schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    lr_schedule = training.make_schedule("cosine", optimizer, accelerator, cfg.warmup_steps, cfg.steps)
     stage1, optimizer, lr_schedule = accelerator.prepare(stage1, optimizer, lr_schedule)
     plain = accelerator.unwrap_model(stage1)
 
-    ckpt_root = root / CHECKPOINT_DIR
-    config_hash = training.config_hash(params, "pretrain_qformer")
+    fingerprint = training.fingerprint(params, "pretrain_qformer", root / SUBJECTS_MANIFEST,
+                                       [root / p for p in train_frame["image_path"]], "ingest")
     start, curve = 0, []
     if resume:
-        start, curve = training.load_checkpoint(accelerator, ckpt_root, resume, config_hash, "pretrain_qformer")
+        start, curve = training.load_checkpoint(accelerator, ckpt_root, resume, fingerprint, "pretrain_qformer")
+    else:
+        training.start_fresh(accelerator, ckpt_root)
 
     fixed_start = fixed_batch_losses(plain, train, cfg)
     r1_start = retrieval(plain, held_out, candidates)["itc_r1"] if held_out and not start else None
 
+    sampler = streaming.StepBatchSampler(len(train), cfg.batch_size, cfg.seed, accelerator.process_index, start,
+                                         cfg.steps, cfg.gradient_accumulation_steps)
+    batches = iter(streaming.make_loader(train, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                         seed=cfg.seed + accelerator.process_index))
+
     def loss_fn(step: int, micro: int) -> dict[str, torch.Tensor]:
-        pixels, texts, g = draw(cfg, train, step, micro, accelerator.process_index)
+        pixels, texts, g = draw(cfg, train, step, micro, accelerator.process_index, next(batches))
         return stage1(pixels, texts, train, cfg, g)
 
     _, seconds = training.train_loop(
         accelerator, stage1, optimizer, lr_schedule, trainable, cfg, stage="pretrain_qformer", start=start,
-        ckpt_root=ckpt_root, config_hash=config_hash, loss_fn=loss_fn,
+        fingerprint=fingerprint, loss_fn=loss_fn,
         log_extra=lambda: {"temp": plain.temp.item()}, curve=curve)
     stage1 = None  # the DDP wrapper goes before the process group (training.finish)
 
