@@ -69,3 +69,28 @@ def test_generate_unreadable_subject_image(tmp_path, capsys):
     bad.write_bytes(b"not a jpeg")
     code = main(_args(tmp_path / "o", "--subject-image", str(bad), "--source-subject", "dog", "--prompt", "x"))
     assert code == 2 and "bad.jpg: not a recognised image format" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_finetuned_folder_of_another_base(tmp_path, capsys):
+    import torch
+
+    from components.model import finetuned, layout
+    from components.model.tiny.blip_diffusion import build_tiny
+
+    base = build_tiny(seed=0)
+    folder = tmp_path / "ft"
+    finetuned.save(base, folder, torch.zeros(1, 16, 32), "toy", {"lora_rank": 0}, {},
+                   finetuned.describe_base(base, "tiny", None))
+    other = tmp_path / "other"
+    layout.save(build_tiny(seed=1), other)
+    code = main(_args(tmp_path / "o", "--finetuned", str(folder), "--checkpoint", str(other), "--prompt", "x"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("blipdiff generate: error:")
+    assert f"{folder} was fine-tuned from preset tiny (seed 0)" in err[-1]
+    assert f"the model given is checkpoint {other}" in err[-1] and "weights differ" in err[-1]
+    assert not (tmp_path / "o").exists()
+    # the base it was fine-tuned from is accepted: named again, or (no --preset) as the folder records it
+    assert main(_args(tmp_path / "a", "--finetuned", str(folder), "--prompt", "x")) == 0
+    no_preset = _args(tmp_path / "b", "--finetuned", str(folder), "--prompt", "x")[3:]
+    assert main(["generate", *no_preset]) == 0
+    assert json.loads((tmp_path / "b" / "records.json").read_text())[0]["model"] == "tiny"

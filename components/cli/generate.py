@@ -6,6 +6,10 @@
 Writes out/images/NNNN.png and out/records.json (one entry per image: prompt, seed and
 every other input that made it). Subject embeddings can be saved (`--save-embeddings`)
 and reused (`--embeddings`) instead of the reference images.
+
+With `--finetuned`, the model is the base the folder records (`blipdiff finetune` writes it)
+unless `--checkpoint` or `--preset` names another; either way its weights must hash as the
+recorded base's, else generation stops naming both.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from components.model import finetuned
 from components.model.blip_diffusion import SCHEDULERS
 from components.model.device import DTYPES, placement
 from components.model.embeddings import load_embeddings, save_embeddings
-from components.model.presets import PRESETS, from_preset
+from components.model.presets import PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +95,35 @@ def _validate(args) -> None:
         raise BlipDiffError(f"{args.out}: exists and is not empty; pass --overwrite to replace it")
     if args.batch_size < 1:
         raise BlipDiffError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.finetuned and not (args.finetuned / finetuned.EMBEDDINGS_FILE).is_file():
+        raise BlipDiffError(f"{args.finetuned}: not a fine-tuned subject folder (no {finetuned.EMBEDDINGS_FILE})")
+
+
+def _base(args) -> dict:
+    """The model to build: `--checkpoint` or `--preset` when given, else the base a
+    `--finetuned` folder records, else params.yaml's preset (presets with their seed 0)."""
+    if args.checkpoint:
+        return {"checkpoint": args.checkpoint}
+    if args.preset:
+        return {"preset": args.preset, "seed": 0}
+    recorded = finetuned.read_base(args.finetuned) if args.finetuned else None
+    if recorded:
+        return finetuned.base_source(recorded)
+    return {"preset": params_preset(), "seed": 0}
 
 
 def run(args) -> list[dict]:
     _validate(args)
     # the user's images first: a bad one stops the run before any model is built
     refs = read_subject_images(args.subject_image, max_pixels=args.max_image_pixels) if args.subject_image else []
-    preset = args.preset or params_preset()
     device, dtype = placement(args.device, args.dtype)
+    base = _base(args)
     start = time.perf_counter()
-    model = from_preset(preset, args.checkpoint).to(device, dtype)
-    log.info("model %s on %s (%s) in %.1f s", args.checkpoint or preset, device, dtype,
+    model = finetuned.build_base(base)
+    if args.finetuned:  # on the weights as built, before a cast changes their bytes
+        finetuned.check_base(model, args.finetuned, base)
+    model.to(device, dtype)
+    log.info("model %s on %s (%s) in %.1f s", finetuned.base_name(base), device, dtype,
              time.perf_counter() - start)
 
     if args.embeddings or args.finetuned:
@@ -153,7 +175,7 @@ def run(args) -> list[dict]:
                     "negative_prompt": args.negative_prompt, "guidance_scale": args.guidance_scale,
                     "steps": args.steps, "scheduler": args.scheduler, "height": height, "width": width,
                     "prompt_strength": args.prompt_strength, "prompt_reps": args.prompt_reps,
-                    "model": args.checkpoint or preset, "device": str(device), "dtype": str(dtype),
+                    "model": base.get("checkpoint") or base["preset"], "device": str(device), "dtype": str(dtype),
                 })
         (tmp / "records.json").write_text(json.dumps(records, indent=2) + "\n")
     log.info("wrote %d images and records.json to %s", len(records), args.out)

@@ -264,3 +264,20 @@ def _log_metrics(client, run_id: str, values: dict[str, float], step: int | None
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    """Tags of the run in progress, e.g. where its outputs went (no-op outside a run)."""
+    values = {k: str(v) for k, v in tags.items()}
+    _record("tags", lambda client, run_id: client.log_batch(run_id, tags=_tags(values)))
+
+
+def log_artifacts(folder: Path, artifact_path: str | None = None) -> None:
+    """Copy a folder's files into the run's artifacts (no-op outside a run)."""
+    _record("artifacts", lambda client, run_id: client.log_artifacts(run_id, str(folder), artifact_path))
+
+
+def _tags(values: dict[str, str]) -> list:
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, v) for k, v in values.items()]

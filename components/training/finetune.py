@@ -6,6 +6,10 @@ AdamW, lr 5e-6, batch 3, 40-120 steps). With `lora_rank > 0` only LoRA adapters 
 UNet's attention projections train (peft), so a fine-tuned subject costs megabytes
 instead of a full UNet copy. The result is saved as a fine-tuned subject folder
 (`components.model.finetuned`).
+
+Every tensor a step makes is drawn from one CPU generator (the same numbers on any device)
+and then moved to the model's device. Inside an MLflow run (`blipdiff finetune` opens one)
+each step's loss is logged against the step.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from components.core import tracking
 from components.core.errors import BlipDiffError
 from components.model import finetuned
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -65,12 +69,16 @@ def prompt_ids(model, subject: str, num_query_tokens: int) -> torch.Tensor:
 
 
 def denoising_loss(model, embeds, ids, noise_scheduler, clean, noise, timesteps) -> torch.Tensor:
-    """Noise-prediction MSE of the UNet conditioned on the prompt with the subject embeddings."""
+    """Noise-prediction MSE of the UNet conditioned on the prompt with the subject embeddings
+    (the tensors are moved to the model's device first)."""
+    device = model.device
+    clean, noise, timesteps = clean.to(device), noise.to(device), timesteps.to(device)
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-    text = model.text_encoder(ids, ctx_embeddings=embeds, ctx_begin_pos=model.ctx_begin_pos).last_hidden_state
-    pred = model.unet(noisy.to(model.device), timesteps.to(model.device),
+    text = model.text_encoder(ids.to(device), ctx_embeddings=embeds,
+                              ctx_begin_pos=model.ctx_begin_pos).last_hidden_state
+    pred = model.unet(noisy.to(model.unet.dtype), timesteps,
                       encoder_hidden_states=text.expand(clean.shape[0], -1, -1)).sample
-    return F.mse_loss(pred.float(), noise.to(model.device))
+    return F.mse_loss(pred.float(), noise.float())
 
 
 def finetune(model, images: list[np.ndarray], subject: str, cfg: FinetuneConfig) -> FinetuneResult:
@@ -84,7 +92,7 @@ def finetune(model, images: list[np.ndarray], subject: str, cfg: FinetuneConfig)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
     noise_scheduler = DDPMScheduler.from_config(model.scheduler.config)
-    latents = reference_latents(model, images, gen).float()
+    latents = reference_latents(model, images, gen).float().to(model.device)
     embeds = torch.nn.Parameter(model.subject_embeddings(images, subject).detach().clone().float())
 
     for module in (model.qformer, model.text_encoder, model.vae):
@@ -102,16 +110,19 @@ def finetune(model, images: list[np.ndarray], subject: str, cfg: FinetuneConfig)
     ids = prompt_ids(model, subject, embeds.shape[1])
     result = FinetuneResult(subject_embeds=embeds)
     steps = noise_scheduler.config.num_train_timesteps
+    device = model.device
     for step in range(cfg.steps):
-        pick = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
+        # drawn on the CPU generator (reproducible on any device), then moved to the model's
+        pick = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen).to(device)
         clean = latents[pick]
-        noise = torch.randn(clean.shape, generator=gen)
-        t = torch.randint(0, steps, (cfg.batch_size,), generator=gen)
+        noise = torch.randn(clean.shape, generator=gen).to(device)
+        t = torch.randint(0, steps, (cfg.batch_size,), generator=gen).to(device)
         loss = denoising_loss(model, embeds, ids, noise_scheduler, clean, noise, t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         result.losses.append(loss.item())
+        tracking.log_step({"loss": result.losses[-1]}, step)
     unet.eval()
     result.seconds = time.perf_counter() - start
     log.info("fine-tuned %s: %d steps in %.1f s, loss %.4f -> %.4f", subject, cfg.steps, result.seconds,
@@ -119,8 +130,24 @@ def finetune(model, images: list[np.ndarray], subject: str, cfg: FinetuneConfig)
     return result
 
 
-def save(model, result: FinetuneResult, cfg: FinetuneConfig, subject: str, out: Path) -> None:
-    """Write the fine-tuned subject folder (`components.model.finetuned`)."""
-    finetuned.save(model, out, result.subject_embeds, subject, asdict(cfg),
-                   {"seconds": round(result.seconds, 3), "loss_first": result.losses[0],
-                    "loss_last": result.losses[-1]})
+def summary(result: FinetuneResult) -> dict[str, float]:
+    return {"seconds": round(result.seconds, 3), "loss_first": result.losses[0], "loss_last": result.losses[-1]}
+
+
+def save(model, result: FinetuneResult, cfg: FinetuneConfig, subject: str, out: Path,
+         base: dict | None = None) -> None:
+    """Write the fine-tuned subject folder (`components.model.finetuned`); `base` is the model
+    it started from (`finetuned.describe_base`, taken before fine-tuning)."""
+    finetuned.save(model, out, result.subject_embeds, subject, asdict(cfg), summary(result), base)
+
+
+def samples(model, result: FinetuneResult, subject: str, count: int, steps: int, seed: int = 0,
+            size: int | None = None) -> dict[str, np.ndarray]:
+    """`count` images of the fine-tuning prompt "a {subject}" from the fine-tuned model (uint8)."""
+    if count < 1:
+        return {}
+    size = size or model.native_size
+    images = model.generate(result.subject_embeds.detach(), [""] * count, subject,
+                            [seed + i for i in range(count)], num_inference_steps=steps,
+                            height=size, width=size, prompt_reps=1)
+    return {f"sample_{i}": (image * 255).round().astype("uint8") for i, image in enumerate(images)}
