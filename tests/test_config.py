@@ -76,3 +76,26 @@ def test_overrides_and_bad_override(tmp_path):
     bad.write_text("ingest: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_each_preset_trains_with_its_own_defaults():
+    """`preset: sd15-blip2` alone trains at the paper's settings, not at tiny's 32 px and rates;
+    an explicit value still wins; params.yaml leaves the size-dependent keys on `auto`."""
+    from components.core.config import PRESET_TRAINING, load_params
+    from tests.conftest import REPO
+
+    tiny = load_params(REPO / "params.yaml")
+    assert (tiny.train_subject.resolution, tiny.train_subject.learning_rate) == (32, 1e-4)
+    for preset in ("sd15-blip2", "blipdiffusion"):
+        full = load_params(REPO / "params.yaml", [f"preset={preset}"])
+        t = full.train_subject
+        assert (t.resolution, t.learning_rate, t.ema_decay) == (512, 2e-6, 0.9999)
+        assert t.batch_size * t.gradient_accumulation_steps == 16
+        assert full.pretrain_qformer.learning_rate == 1e-4
+    mine = load_params(REPO / "params.yaml", ["preset=sd15-blip2", "train_subject.resolution=256"])
+    assert mine.train_subject.resolution == 256 and mine.train_subject.learning_rate == 2e-6
+    raw = (REPO / "params.yaml").read_text()
+    for section, keys in PRESET_TRAINING["tiny"].items():
+        block = raw.split(f"\n{section}:", 1)[1].split("\n\n", 1)[0]
+        for key in keys:
+            assert f"\n  {key}: auto" in block, f"{section}.{key} is not auto in params.yaml"

@@ -127,8 +127,13 @@ class PretrainQFormerConfig(_Section):
     itm_weight: float = Field(1.0, ge=0.0)
     itg_weight: float = Field(1.0, ge=0.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)  # ITG cross-entropy (BLIP-2: 0.1)
+    itc_label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)  # ITC cross-entropy (BLIP-2: 0.1)
+    # ITC gradient through the other side's features too (image-to-text rows into the texts,
+    # and back); BLIP-2 gathers them without gradient (false): each direction trains one side.
+    itc_full_gradient: bool = False
     augment: bool = True  # random flips and crops of the training images
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    num_workers: int = Field(0, ge=0, le=64)  # DataLoader workers reading images from disk
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
 
@@ -152,10 +157,9 @@ class TrainSubjectConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0)
     resolution: int = Field(32, ge=16)  # training image size (multiple of 8)
     subject_prompt_drop: float = Field(0.15, ge=0.0, le=1.0)
-    # caption: "[caption], the [class] is [subject]" (the paper's template, for real captions);
-    # neutral: "a photo, the object is [subject]". Synthetic captions name every attribute of
-    # a subject, so with them the UNet learns to ignore the subject embeddings (measured:
-    # identification 0.08 with captions, 0.29 neutral, chance 0.125); neutral is the default.
+    # The text is `generate`'s prompt, subject embeddings after "a": caption = "a [class]
+    # [caption]"; neutral = "a [class]". Synthetic captions name every attribute of a
+    # subject, so with them the UNet can ignore the subject embeddings; neutral is the default.
     prompt_text: Literal["caption", "neutral"] = "neutral"
     # Start from this pre-trained Q-Former folder (stage pretrain_qformer's output); null =
     # the preset's own Q-Former (the released one for blipdiffusion).
@@ -169,6 +173,9 @@ class TrainSubjectConfig(_Section):
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(0, ge=0)  # 0 = only at the end
+    num_workers: int = Field(0, ge=0, le=64)  # DataLoader workers reading samples from disk
+    cache: bool = False  # keep VAE latent moments and image-encoder features on disk
+    cache_dir: str = "models/.cache/train_subject"  # relative to the repository, or absolute
     # Learning check: subject identification by denoising error on held-out views.
     id_draws: int = Field(8, ge=1)  # noise draws per held-out image
     id_min_timestep: int = Field(500, ge=0, le=999)
@@ -182,6 +189,28 @@ class TrainSubjectConfig(_Section):
         return self
 
 
+# ------------------------------------------------------------- per-preset defaults
+# Training settings that depend on the model's size. In params.yaml these keys say `auto`
+# (or are left out) and take the preset's value; an explicit value always wins. The full
+# presets get the papers' settings: BLIP-Diffusion stage 2 (Sec. 4.1: 512 px, AdamW at a
+# constant 2e-6 after warmup, total batch 16, fp16 on GPUs; `mixed_precision: auto` gives
+# fp16 on a GPU) with an EMA of the weights; BLIP-2 stage 1 (peak lr 1e-4, 2000 warmup
+# steps, cosine). The tiny preset's are tuned for its 32 px random networks on a CPU.
+PRESET_TRAINING: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "pretrain_qformer": {"learning_rate": 2e-3, "warmup_steps": 50},
+        "train_subject": {"resolution": 32, "learning_rate": 1e-4, "warmup_steps": 20, "batch_size": 16,
+                          "gradient_accumulation_steps": 1, "ema_decay": None},
+    },
+    **{full: {
+        "pretrain_qformer": {"learning_rate": 1e-4, "warmup_steps": 2000},
+        "train_subject": {"resolution": 512, "learning_rate": 2e-6, "warmup_steps": 500, "batch_size": 1,
+                          "gradient_accumulation_steps": 16, "ema_decay": 0.9999},
+    } for full in ("blipdiffusion", "sd15-blip2")},
+}
+AUTO = "auto"
+
+
 # --------------------------------------------------------------------------- params
 class Params(_Section):
     # Model preset shared by every stage; only the default (tiny) runs offline.
@@ -190,6 +219,27 @@ class Params(_Section):
     context: ContextConfig = ContextConfig()
     pretrain_qformer: PretrainQFormerConfig = PretrainQFormerConfig()
     train_subject: TrainSubjectConfig = TrainSubjectConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_defaults(cls, data: Any) -> Any:
+        """Fill `auto` (or absent) size-dependent training keys from the preset's defaults."""
+        if not isinstance(data, dict):
+            return data
+        defaults = PRESET_TRAINING.get(data.get("preset", "tiny"))
+        if defaults is None:
+            return data  # an unknown preset: the field validation names it
+        data = dict(data)
+        for section, values in defaults.items():
+            given = data.get(section)
+            if given is not None and not isinstance(given, dict):
+                continue
+            given = dict(given or {})
+            for key, value in values.items():
+                if given.get(key, AUTO) == AUTO:
+                    given[key] = value
+            data[section] = given
+        return data
 
 
 def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
