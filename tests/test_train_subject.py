@@ -167,9 +167,11 @@ def test_two_cpu_processes_with_accelerate_launch(pairs_root, tmp_path):
         if stage == "train_subject":  # warmup in optimizer steps, as with one process
             import pandas as pd
 
-            cfg = raw[stage]
+            from components.core.config import load_params
+
+            cfg = load_params(root / "params.yaml").train_subject  # `auto` resolved for the preset
             lr = pd.read_csv(root / paths.curve_file(stage))["lr"].tolist()
-            assert lr == pytest.approx([cfg["learning_rate"] * k / cfg["warmup_steps"] for k in (1, 2)])
+            assert lr == pytest.approx([cfg.learning_rate * k / cfg.warmup_steps for k in (1, 2)])
     assert (root / paths.QFORMER_DIR / "model.safetensors").is_file()
     assert (root / paths.BLIP_DIFFUSION_DIR / "unet").is_dir()
 
