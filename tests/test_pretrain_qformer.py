@@ -2,11 +2,7 @@
 that it learns (held-out image-to-text retrieval well above chance)."""
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -182,23 +178,10 @@ def test_two_processes_see_the_global_batch(tmp_path):
     ITC softmaxes over all 8, the same-caption positives and ITM negatives are global, and
     the losses and gradients averaged over the processes equal one process's on all 8
     (tests/dist_itc_check.py asserts it and writes what it measured)."""
-    from tests.test_flow import _free_port
+    from tests.launch import launch_two
 
     out = tmp_path / "dist.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
-                             "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
-                             "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-                             str(Path(__file__).parent / "dist_itc_check.py"), str(out)],
-                            cwd=Path(__file__).parents[1], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"2 processes hung:\n{log[-3000:]}")
-    assert proc.returncode == 0, log[-3000:]
+    launch_two([str(Path(__file__).parent / "dist_itc_check.py"), str(out)], Path(__file__).parents[1], "ITC check")
     result = json.loads(out.read_text())
     assert result["processes"] == 2 and result["global_batch"] == 8
     for suffix in ("", "_full_gradient"):  # BLIP-2's ITC gradient, and through both sides

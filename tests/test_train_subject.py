@@ -2,9 +2,6 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -143,25 +140,10 @@ def test_two_cpu_processes_with_accelerate_launch(pairs_root, tmp_path):
     raw["pretrain_qformer"].update(steps=2, batch_size=4, log_every=1)
     raw["train_subject"].update(steps=2, batch_size=2, resolution=16, log_every=1, id_draws=1)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # On a machine without GPUs, --multi_gpu starts torch.distributed processes that
-    # accelerate runs as MULTI_CPU (gloo); --cpu alone would start a single process.
-    from tests.test_flow import _free_port
+    from tests.launch import launch_two
 
     for stage in ("pretrain_qformer", "train_subject"):  # stage 2 starts from stage 1's Q-Former
-        # Own session, so that a hang kills every rank, not only the launcher.
-        proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
-                                 "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
-                                 "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-                                 "-m", "components.cli", stage], cwd=root, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            out, _ = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-            pytest.fail(f"{stage} with 2 processes hung:\n{out[-3000:]}")
-        assert proc.returncode == 0, out[-3000:]
+        launch_two(["-m", "components.cli", stage], root, stage)
         metrics = json.loads((root / paths.metrics_file(stage)).read_text())
         assert metrics["processes"] == 2
         if stage == "train_subject":  # warmup in optimizer steps, as with one process
@@ -393,17 +375,12 @@ def test_dataset_holds_paths_not_pixels(pairs_root):
 def test_learning_rate_per_optimizer_step_does_not_depend_on_the_process_count(tmp_path):
     from tests.conftest import REPO
     from tests.dist_lr_check import rates
-    from tests.test_flow import _free_port
+    from tests.launch import launch_two
 
     one = rates()
     assert one["processes"] == 1
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           "--main_process_port", str(_free_port()), str(REPO / "tests" / "dist_lr_check.py")],
-                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = launch_two([str(REPO / "tests" / "dist_lr_check.py")], REPO, "the learning-rate check")
+    two = json.loads(out.strip().splitlines()[-1])
     assert two["processes"] == 2
     for kind in ("constant", "cosine"):
         assert two[kind] == pytest.approx(one[kind], abs=1e-12), kind

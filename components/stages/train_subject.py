@@ -42,6 +42,7 @@ from components.core.paths import BLIP_DIFFUSION_DIR, PAIRS_MANIFEST, checkpoint
 from components.data.images import read_listed_rgb
 from components.data.manifests import PAIRS_SCHEMA, read_manifest
 from components.model import layout
+from components.model.blip_diffusion import BlipDiffusion
 from components.model.presets import from_preset
 from components.training import data as streaming
 from components.training import loop as training
@@ -95,8 +96,6 @@ class PairDataset(Dataset):
         if self.moments is not None:
             item["moments"] = self.moments.get(self.target_hashes[i])
         else:
-            from components.model.blip_diffusion import BlipDiffusion
-
             item["target"] = BlipDiffusion.vae_pixels(self.image(self.targets[i]), self.resolution)
         return item
 
