@@ -24,7 +24,7 @@ from components.core.config import params_preset
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path
 from components.data.images import MAX_PIXELS, read_subject_images, save_png
-from components.model import finetuned
+from components.model import finetuned, presets
 from components.model.blip_diffusion import SCHEDULERS
 from components.model.device import DTYPES, placement
 from components.model.embeddings import load_embeddings, save_embeddings
@@ -119,7 +119,7 @@ def run(args) -> list[dict]:
     device, dtype = placement(args.device, args.dtype)
     base = _base(args)
     start = time.perf_counter()
-    model = finetuned.build_base(base)
+    model = presets.from_base(base)
     if args.finetuned:  # on the weights as built, before a cast changes their bytes
         finetuned.check_base(model, args.finetuned, base)
     model.to(device, dtype)

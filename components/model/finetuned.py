@@ -72,7 +72,7 @@ def describe_base(model, preset: str, checkpoint: str | None, seed: int = 0) -> 
 
 
 def base_source(base: dict) -> dict:
-    """Only where a base comes from (no hashes): what `build_base` needs."""
+    """Only where a base comes from (no hashes): what `presets.from_base` needs."""
     return {k: base[k] for k in ("preset", "seed", "checkpoint") if k in base}
 
 
@@ -80,13 +80,6 @@ def base_name(base: dict) -> str:
     if base.get("checkpoint"):
         return f"checkpoint {base['checkpoint']}"
     return f"preset {base.get('preset')} (seed {base.get('seed', 0)})"
-
-
-def build_base(base: dict):
-    """The model a recorded base names."""
-    from components.model.presets import from_preset
-
-    return from_preset(base.get("preset", "tiny"), base.get("checkpoint"), int(base.get("seed", 0)))
 
 
 def read_settings(folder: Path) -> dict:

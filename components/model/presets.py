@@ -32,3 +32,9 @@ def from_preset(preset: str, checkpoint: str | None = None, seed: int = 0) -> Bl
         # Untrained subject encoder: the starting point of pre-training, not a generator yet.
         return sd15_blip2.build(seed=seed)
     raise BlipDiffError(f"unknown preset {preset!r}; choose tiny, blipdiffusion or sd15-blip2")
+
+
+def from_base(base: dict):
+    """The model a recorded base names ({"preset", "seed"} or {"checkpoint"}): a registered
+    model's base.json, a fine-tuned folder's `base`."""
+    return from_preset(base.get("preset", "tiny"), base.get("checkpoint"), seed=int(base.get("seed", 0)))

@@ -53,9 +53,9 @@ def _frozen_parts(model) -> dict[str, dict]:
 
 def _donor(base: dict):
     """The model a base.json names: where the frozen parts come from."""
-    from components.model.presets import from_preset
+    from components.model.presets import from_base
 
-    return from_preset(base["preset"], base.get("checkpoint"), seed=int(base.get("seed", 0)))
+    return from_base(base)
 
 
 def trained_parts(checkpoint: Path, out: Path, base: dict) -> bool:
