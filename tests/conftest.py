@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import dreambench_mini
+
 REPO = Path(__file__).resolve().parents[1]
 DREAMBENCH = REPO.parent / "shared" / "dreambench"
 
@@ -50,6 +52,11 @@ def checkout(tmp_path):
     params["ingest"]["synthetic"].update(num_subjects=3, min_views=4, max_views=4, image_size=64)
     params["pretrain_qformer"].update(steps=3, batch_size=4, log_every=1)
     params["train_subject"].update(steps=3, batch_size=2, resolution=16, log_every=1, id_draws=1)
+    params["evaluate"].update(subjects=2, prompts_per_subject=1, images_per_prompt=2, steps=2)
+    # the real DreamBench where it is (../shared beside the repository), else a small stand-in
+    bench = DREAMBENCH if (DREAMBENCH / "prompts_and_classes.txt").is_file() else \
+        dreambench_mini.make(tmp_path / "dreambench")
+    params["ingest"]["dreambench"]["path"] = str(bench)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     sh("git init -q && git add -A && git -c user.name=t -c user.email=t@t commit -qm init", work, env)

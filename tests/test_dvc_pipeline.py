@@ -63,3 +63,29 @@ def test_runs_of_a_temporary_dvc_experiment_land_in_the_main_store(checkout):
     assert run.data.tags["dvc_experiment"] == "tempexp"
     assert run.data.params["ingest.seed"] == "1"
     assert "tempexp" in _sh("dvc exp list --name-only", work, env)
+
+
+def test_dvc_repro_evaluate_end_to_end_then_resume(checkout):
+    """`dvc repro evaluate` trains the tiny pipeline and scores it on DreamBench (the real
+    photos when ../shared is there); a forced re-run reuses every image (persisted output)."""
+    import json
+
+    work, env = checkout
+    out = _sh("dvc repro evaluate", work, env)
+    assert "Running stage 'train_subject'" in out and "Running stage 'evaluate'" in out
+    metrics = json.loads(_sh("dvc metrics show --json", work, env))
+    flat = json.dumps(metrics)
+    for key in ("zero_shot_dino", "zero_shot_clip_i", "zero_shot_clip_t", "oracle_dino", "oracle_clip_i"):
+        assert f'"{key}"' in flat
+    per_image = pd.read_parquet(work / "reports/dreambench/per_image.parquet")
+    assert len(per_image) == 2 * 1 * 2 and set(per_image["category"]) == {"live", "object"}
+    html = (work / "reports/dreambench/report.html").read_text()
+    assert "BLIP-Diffusion" in html and "0.774" in html
+    plots = _sh("dvc plots show --json", work, env)
+    assert "per_subject.csv" in plots
+    before = (work / "metrics/evaluate.json").read_bytes()
+
+    out = _sh("dvc repro -f -s evaluate", work, env)
+    assert "generated 0 images" in out and "reused 4" in out
+    assert (work / "metrics/evaluate.json").read_bytes() == before
+    assert "up to date" in _sh("dvc status evaluate", work, env).lower()

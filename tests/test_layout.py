@@ -21,6 +21,7 @@ LAYERS = {
     "components.model": 2,  # networks, bundle, presets, released layout
     "components.context": 3,  # CLIPSeg, matting
     "components.training": 3,  # training loop, fine-tuning
+    "components.evaluation": 3,  # DreamBench protocol, evaluators, metrics, report
     "serving": 3,
     "components.stages": 4,  # one module per DVC stage
     "components.cli": 5,  # the application
@@ -128,7 +129,7 @@ def test_outputs_params_and_metrics_defined_once(stage):
     module = runner.stage_module(stage)
     spec = _dvc()[stage]
     assert spec["cmd"] == f"blipdiff {stage}"
-    assert spec["outs"] == [p.as_posix() for p in module.OUTPUTS]
+    assert [next(iter(o)) if isinstance(o, dict) else o for o in spec["outs"]] == [p.as_posix() for p in module.OUTPUTS]
     assert spec["params"] == list(module.SECTIONS)
     # metrics and curves: small, machine-independent, committed to git for `dvc metrics/plots diff`
     assert spec["metrics"] == [{paths.metrics_file(stage).as_posix(): {"cache": False}}]

@@ -1,5 +1,5 @@
-"""`blipdiff`: one subcommand per pipeline stage (what dvc.yaml runs), plus `generate`, `finetune`
-and `register`.
+"""`blipdiff`: one subcommand per pipeline stage (what dvc.yaml runs), plus `generate`, `finetune`,
+`register` and `score`.
 
 A user error prints one line `blipdiff <command>: error: ...` and exits with status 2.
 Only the chosen subcommand's arguments are built, so `blipdiff ingest --help` imports no
@@ -21,6 +21,7 @@ TOOLS = {
     "generate": "zero-shot subject-driven generation (batched)",
     "finetune": "fine-tune on one subject (full UNet or LoRA)",
     "register": "register a trained model folder in the MLflow registry (no retraining)",
+    "score": "DINO, CLIP-I and CLIP-T of any generated images against real subject images",
 }
 
 
@@ -34,6 +35,10 @@ def _tool(name: str):
         from components.cli import register
 
         return register
+    if name == "score":
+        from components.cli import score
+
+        return score
     from components.cli import finetune
 
     return finetune

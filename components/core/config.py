@@ -189,6 +189,65 @@ class TrainSubjectConfig(_Section):
         return self
 
 
+# ------------------------------------------------------------------------- evaluate
+# LAVIS's default negative prompt for BLIP-Diffusion sampling.
+NEGATIVE_PROMPT = ("over-exposure, under-exposure, saturated, duplicate, out of frame, lowres, cropped, "
+                   "worst quality, low quality, jpeg artifacts, morbid, mutilated, out of frame, ugly, "
+                   "bad anatomy, bad proportions, deformed, blurry, duplicate")
+
+
+class EvalFinetuneConfig(_Section):
+    """Fine-tuned mode: `blipdiff finetune` on each subject's real images before generating."""
+
+    steps: int = Field(40, ge=1)
+    batch_size: int = Field(3, ge=1)
+    learning_rate: float = Field(5e-6, gt=0.0)
+    lora_rank: int = Field(0, ge=0)  # 0: the whole UNet; > 0: LoRA adapters only
+
+
+class EvaluateConfig(_Section):
+    """DreamBench evaluation (DreamBooth protocol): generate, then score with DINO and CLIP."""
+
+    seed: int = 0  # base of the per-image seeds (a hash of subject, prompt and image index)
+    model: str = "models/blip_diffusion"  # the trained folder (train_subject), or a hub id
+    # Subset: `all` or a count (object and live subjects alternating) or a list of names.
+    subjects: int | Literal["all"] | list[str] = 2
+    prompts_per_subject: int | Literal["all"] = 2  # the first N of the subject's list (25 in all)
+    images_per_prompt: int = Field(2, ge=1)  # the protocol: 4
+    mode: Literal["zero_shot", "finetuned", "both"] = "zero_shot"
+    # Zero-shot subject embeddings: `average` of all reference images, or the index of one.
+    reference: Literal["average"] | int = "average"
+    scheduler: Literal["pndm", "ddim", "dpmsolver++"] = "pndm"
+    steps: int = Field(50, ge=1)
+    guidance_scale: float = Field(7.5, ge=0.0)
+    negative_prompt: str = NEGATIVE_PROMPT
+    prompt_strength: float = Field(1.0, gt=0.0)
+    prompt_reps: int = Field(20, ge=1)
+    resolution: int | None = Field(None, ge=8)  # null: the model's native size
+    batch_size: int = Field(8, ge=1)  # images per UNet batch
+    finetune: EvalFinetuneConfig = EvalFinetuneConfig()
+    # Evaluators: `auto` = the preset's (tiny: small random ViT and CLIP built here; full
+    # presets: the hub ids); `tiny`; or a hub id or local directory.
+    dino_model: str = "auto"  # facebook/dino-vits16
+    clip_model: str = "auto"  # openai/clip-vit-base-patch32
+    evaluator_batch_size: int = Field(32, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EvaluateConfig":
+        for name in ("subjects", "prompts_per_subject"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value < 1:
+                raise ValueError(f"{name} must be >= 1 or 'all', got {value}")
+        if isinstance(self.subjects, list) and not self.subjects:
+            raise ValueError("subjects: an empty list; give names, a count or 'all'")
+        if isinstance(self.reference, int) and self.reference < 0:
+            raise ValueError(f"reference must be 'average' or an image index >= 0, got {self.reference}")
+        if self.resolution is not None and self.resolution % 8:
+            raise ValueError(f"resolution ({self.resolution}) must be a multiple of 8")
+        return self
+
+
 # ------------------------------------------------------------- per-preset defaults
 # Training settings that depend on the model's size. In params.yaml these keys say `auto`
 # (or are left out) and take the preset's value; an explicit value always wins. The full
@@ -219,6 +278,7 @@ class Params(_Section):
     context: ContextConfig = ContextConfig()
     pretrain_qformer: PretrainQFormerConfig = PretrainQFormerConfig()
     train_subject: TrainSubjectConfig = TrainSubjectConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="before")
     @classmethod

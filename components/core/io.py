@@ -49,6 +49,23 @@ def write_json(data: dict[str, Any], path: Path) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_hash(folder: Path) -> str:
+    """Short sha256 over every file of a folder (relative path and content), e.g. a model
+    folder: the key of work done with that model (evaluation images) and its runs' tag."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        h.update(f"{path.relative_to(folder).as_posix()}:{file_sha256(path)};".encode())
+    return h.hexdigest()[:16]
+
+
 def state_hash(state: dict) -> str:
     """sha256 of a state dict: every tensor by name, with its dtype, shape and bytes (any dtype,
     bf16 included). Used for model bases, cache keys and checkpoints' fingerprints."""

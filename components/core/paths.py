@@ -16,6 +16,8 @@ PAIRS_MANIFEST = Path("data/pairs.parquet")
 QFORMER_DIR = Path("models/qformer")
 # train_subject
 BLIP_DIFFUSION_DIR = Path("models/blip_diffusion")
+# evaluate (DreamBench)
+EVAL_DIR = Path("reports/dreambench")
 
 # Training checkpoints (git- and DVC-ignored), one folder per stage.
 CHECKPOINTS_DIR = Path("models/.checkpoints")

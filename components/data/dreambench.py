@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.core.config import DreamBenchSourceConfig
 from components.core.errors import BlipDiffError
 
 log = logging.getLogger(__name__)
@@ -110,3 +111,17 @@ def download(url: str, cache_dir: Path) -> Path:
         shutil.move(str(found[0].parent), target)
     marker.write_text(url + "\n")
     return target
+
+
+def local_or_download(cfg: DreamBenchSourceConfig, root: Path, fallback: bool = False) -> Path:
+    """The dataset folder `ingest.dreambench` names: `path` (relative to the repository), or
+    the verified download when it is null. `fallback`: download also when `path` is absent."""
+    if cfg.path is not None:
+        path = (root / cfg.path).expanduser().resolve()
+        if path.is_dir():
+            return path
+        if not fallback:
+            raise BlipDiffError(f"ingest.dreambench.path: {path} not found; "
+                                "point it at a DreamBooth dataset folder, or set it to null to download")
+        log.warning("ingest.dreambench.path %s not found: using the verified download of %s", path, cfg.url)
+    return download(cfg.url, Path(cfg.cache_dir).expanduser())

@@ -19,7 +19,7 @@ import pandas as pd
 
 from components.core.config import IngestConfig
 from components.core.errors import BlipDiffError
-from components.data import dreambench, images, synthetic
+from components.data import images, synthetic
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +107,3 @@ def read_classes_csv(path: Path) -> dict[str, str]:
     if not {"subject", "class"} <= set(table.columns):
         raise BlipDiffError(f"{path}: needs the columns 'subject' and 'class', has {list(table.columns)}")
     return dict(zip(table["subject"].str.strip(), table["class"].str.strip()))
-
-
-def dreambench_root(cfg: IngestConfig, root: Path) -> Path:
-    d = cfg.dreambench
-    if d.path is None:
-        return dreambench.download(d.url, Path(d.cache_dir).expanduser())
-    path = (root / d.path).resolve()
-    if not path.is_dir():
-        raise BlipDiffError(
-            f"ingest.dreambench.path: {path} not found; "
-            "point it at a DreamBooth dataset folder, or set it to null to download"
-        )
-    return path

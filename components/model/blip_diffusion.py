@@ -140,7 +140,7 @@ class BlipDiffusion:
 
     def encode_negative(self, negative_prompt: str, count: int) -> torch.Tensor:
         """The unconditional branch: the negative prompt alone, without subject embeddings."""
-        tokens = self.tokenizer([negative_prompt], padding="max_length",
+        tokens = self.tokenizer([negative_prompt], padding="max_length", truncation=True,
                                 max_length=self.text_encoder.config.max_position_embeddings,
                                 return_tensors="pt")
         embeds = self.text_encoder(tokens.input_ids.to(self.device)).last_hidden_state

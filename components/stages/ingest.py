@@ -45,7 +45,7 @@ def ingest_subjects(cfg: IngestConfig, root: Path) -> tuple[dict, dict[str, np.n
     if cfg.source == "synthetic":
         candidates = sources.synthetic_candidates(cfg)
     elif cfg.source == "dreambench":
-        src = sources.dreambench_root(cfg, root)
+        src = dreambench.local_or_download(cfg.dreambench, root)
         info = dreambench.parse_prompts_and_classes(src / dreambench.PROMPTS_FILE)
         log.info("DreamBench at %s: %d subjects in the class list", src, len(info.classes))
         candidates = sources.folder_candidates(src, cfg, info.classes, info.category, skipped)

@@ -26,7 +26,9 @@ from components.stages import STAGES
 
 log = logging.getLogger("blipdiff")
 
-MACHINE_DEPENDENT = ("seconds_", "samples_per_s", "peak_memory_mb")  # metric name prefixes
+# Metric name prefixes that go to MLflow only: they differ between machines, or between a
+# fresh and a resumed run (`run_`), not with the params and data.
+MACHINE_DEPENDENT = ("seconds_", "samples_per_s", "peak_memory_mb", "run_")
 
 
 def stage_module(stage: str) -> ModuleType:

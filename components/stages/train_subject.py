@@ -38,6 +38,7 @@ from torch.utils.data import Dataset, Subset, default_collate
 from components.core import tracking
 from components.core.config import Params, TrainSubjectConfig
 from components.core.errors import BlipDiffError
+from components.core.io import folder_hash
 from components.core.paths import BLIP_DIFFUSION_DIR, PAIRS_MANIFEST, checkpoint_dir, curve_file
 from components.data.images import read_listed_rgb
 from components.data.manifests import PAIRS_SCHEMA, read_manifest
@@ -409,5 +410,7 @@ def after_run(params: Params, root: Path) -> None:
     run_id = tracking.current_run_id()
     if run_id is None:
         raise BlipDiffError("the tracking store could not be reached")
+    # `evaluate` finds this run (and its model version) by the folder's hash
+    tracking.set_tags({"model_hash": folder_hash(root / BLIP_DIFFUSION_DIR)})
     base = {"preset": params.preset, "seed": params.train_subject.seed}
     registry.log_and_register(root / BLIP_DIFFUSION_DIR, run_id, base=base)

@@ -25,9 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from components.core.errors import BlipDiffError
-from components.core.io import atomic_path, state_hash
-
-CHUNK = 1 << 20
+from components.core.io import atomic_path, file_sha256, state_hash
 
 
 def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
@@ -84,14 +82,6 @@ def make_loader(dataset: Dataset, *, batch_sampler: Sampler | None = None, batch
 
 
 # ------------------------------------------------------------------------- hashing
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def data_hash(manifest: Path, files: list[Path], producer: str = "the stage that writes them") -> str:
     """sha256 over the manifest's bytes and every listed file's bytes, in the given order. A
     missing file is an error naming the stage that writes it (`producer`)."""

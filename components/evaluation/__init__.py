@@ -1,0 +1,1 @@
+"""DreamBench evaluation: scoring generated images (DINO, CLIP-I, CLIP-T) and reporting them."""

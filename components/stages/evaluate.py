@@ -1,0 +1,320 @@
+"""Stage `evaluate`: DreamBench with the DreamBooth protocol (DINO, CLIP-I, CLIP-T), as
+BLIP-Diffusion reports it.
+
+For each chosen subject, prompt and image index (`components.evaluation.protocol`) the
+model generates one image, zero-shot (subject embeddings of the subject's real images) or
+fine-tuned (`blipdiff finetune`'s training on those images first), or both. Every image is
+scored against all real images of its subject, and against its prompt's text; the oracle
+row scores the real images against each other. Writes `reports/dreambench/`: images/ (a
+DVC output kept between runs: an image whose key (mode, subject, prompt, seed, model hash,
+sampler) is already there is not generated again, so an interrupted run resumes),
+per_image.parquet, metrics.json, per_subject.csv (the DVC plot) and report.html.
+
+DreamBench is read from `ingest.dreambench` (a local folder, or the verified download),
+whatever the training data was: the original photos, as the papers score them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from components.core import tracking
+from components.core.config import EvaluateConfig, Params
+from components.core.errors import BlipDiffError
+from components.core.io import atomic_path, folder_hash, round_floats, write_json
+from components.core.paths import EVAL_DIR
+from components.data import dreambench
+from components.data.images import read_subject_images, save_png
+from components.evaluation import protocol, report, scoring
+from components.evaluation.evaluators import Evaluators
+from components.model.device import placement
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ("preset", "ingest", "evaluate")
+IMAGES_DIR = EVAL_DIR / "images"
+PER_IMAGE = EVAL_DIR / "per_image.parquet"
+DETAIL = EVAL_DIR / "metrics.json"
+REPORT = EVAL_DIR / "report.html"
+PER_SUBJECT = EVAL_DIR / "per_subject.csv"
+OUTPUTS = (IMAGES_DIR, PER_IMAGE, DETAIL, REPORT)
+PLOTS = (PER_SUBJECT,)
+MODES = {"zero_shot": ["zero_shot"], "finetuned": ["finetuned"], "both": ["zero_shot", "finetuned"]}
+
+
+def model_source(cfg: EvaluateConfig, root: Path) -> tuple[str, str]:
+    """(what to load, its hash): a local folder hashes by its files, a hub id is its own key."""
+    local = (root / cfg.model).expanduser()
+    if local.is_dir():
+        return str(local), folder_hash(local)
+    if "/" in cfg.model and not cfg.model.startswith((".", "/")) and not Path(cfg.model).exists():
+        return cfg.model, cfg.model
+    raise BlipDiffError(f"evaluate.model: {local} not found (run `dvc repro train_subject`, or name a "
+                        "model folder or hub id)")
+
+
+def sampler(cfg: EvaluateConfig) -> dict:
+    """Everything besides the model and the seed that decides a generated image."""
+    return {"scheduler": cfg.scheduler, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
+            "negative_prompt": cfg.negative_prompt, "prompt_strength": cfg.prompt_strength,
+            "prompt_reps": cfg.prompt_reps, "resolution": cfg.resolution}
+
+
+def image_key(mode: str, item: protocol.Item, model_hash: str, cfg: EvaluateConfig) -> str:
+    how = {"reference": cfg.reference} if mode == "zero_shot" else {"finetune": cfg.finetune.model_dump()}
+    spec = {"mode": mode, "subject": item.subject, "class": item.class_phrase, "context": item.context,
+            "seed": item.seed, "model": model_hash, **sampler(cfg), **how}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def image_path(mode: str, item: protocol.Item, key: str) -> Path:
+    return IMAGES_DIR / mode / item.subject / f"p{item.prompt_index:02d}_i{item.image_index}_{key}.png"
+
+
+def _readable(path: Path) -> bool:
+    try:
+        scoring.read_image(path)
+        return True
+    except OSError:
+        return False
+
+
+class Generation:
+    """Makes the images a plan asks for, skipping those already written under the same key."""
+
+    def __init__(self, cfg: EvaluateConfig, bench: protocol.Benchmark, source: str, root: Path):
+        self.cfg, self.bench, self.source, self.root = cfg, bench, source, root
+        self.device, self.dtype = placement(cfg.device, "auto")
+        self._base = None
+
+    def model(self, fresh: bool = False):
+        from components.model import layout
+
+        if fresh or self._base is None:
+            model = layout.load(self.source).to(self.device, self.dtype)
+            if fresh:
+                return model
+            self._base = model
+        return self._base
+
+    def references(self, subject: str) -> list[np.ndarray]:
+        paths = self.bench.real[subject]
+        if self.cfg.reference != "average":
+            if self.cfg.reference >= len(paths):
+                raise BlipDiffError(f"evaluate.reference={self.cfg.reference}: subject {subject} has "
+                                    f"only {len(paths)} images")
+            paths = [paths[self.cfg.reference]]
+        return read_subject_images(paths)
+
+    def embeddings(self, mode: str, subject: str, class_name: str):
+        """(model, subject embeddings) for one subject in one mode."""
+        if mode == "zero_shot":
+            model = self.model()
+            return model, model.subject_embeddings(self.references(subject), class_name)
+        from components.training.finetune import FinetuneConfig, finetune
+
+        model = self.model(fresh=True)  # fine-tuning changes the UNet: a copy per subject
+        ft = self.cfg.finetune
+        result = finetune(model, read_subject_images(self.bench.real[subject]), class_name,
+                          FinetuneConfig(steps=ft.steps, batch_size=ft.batch_size,
+                                         learning_rate=ft.learning_rate, lora_rank=ft.lora_rank,
+                                         seed=self.cfg.seed))
+        return model, result.subject_embeds.detach()
+
+    def run(self, mode: str, todo: list[tuple[protocol.Item, Path]]) -> int:
+        """Generate the missing images of one mode, subject by subject; return how many."""
+        cfg, made = self.cfg, 0
+        by_subject: dict[str, list] = {}
+        for item, path in todo:
+            by_subject.setdefault(item.subject, []).append((item, path))
+        for subject, pending in by_subject.items():
+            start = time.perf_counter()
+            model, embeds = self.embeddings(mode, subject, pending[0][0].class_name)
+            size = cfg.resolution or model.native_size
+            groups: dict[str, list] = {}
+            for item, path in pending:
+                groups.setdefault(item.class_phrase, []).append((item, path))
+            for phrase, group in groups.items():
+                for lo in range(0, len(group), cfg.batch_size):
+                    batch = group[lo:lo + cfg.batch_size]
+                    images = model.generate(
+                        embeds, [it.context for it, _ in batch], phrase, [it.seed for it, _ in batch],
+                        negative_prompt=cfg.negative_prompt, guidance_scale=cfg.guidance_scale,
+                        num_inference_steps=cfg.steps, height=size, width=size, scheduler=cfg.scheduler,
+                        prompt_strength=cfg.prompt_strength, prompt_reps=cfg.prompt_reps)
+                    for (_, path), image in zip(batch, images):
+                        final = self.root / path
+                        final.parent.mkdir(parents=True, exist_ok=True)
+                        tmp = final.with_name(f".{final.name}.tmp")
+                        save_png((image * 255).round().astype("uint8"), tmp)
+                        os.replace(tmp, final)  # a killed run leaves whole images only
+                        made += 1
+            log.info("%s %s: %d images in %.1f s", mode, subject, len(pending), time.perf_counter() - start)
+        return made
+
+
+def prune(root: Path, keep: set[Path]) -> int:
+    """Remove images of earlier plans (other subsets, models or samplers) and temp files."""
+    removed = 0
+    folder = root / IMAGES_DIR
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        if path.is_file() and path.relative_to(root) not in keep:
+            path.unlink()
+            removed += 1
+    for path in sorted(folder.rglob("*"), reverse=True) if folder.is_dir() else []:
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    return removed
+
+
+def evaluator_ids(cfg: EvaluateConfig, preset: str) -> tuple[str, str, bool]:
+    """(DINO source, CLIP source, tiny): `auto` is the preset's: tiny builds small random ones."""
+    from components.evaluation.evaluators import CLIP_HUB, DINO_HUB
+
+    dino = cfg.dino_model if cfg.dino_model != "auto" else ("tiny" if preset == "tiny" else DINO_HUB)
+    clip = cfg.clip_model if cfg.clip_model != "auto" else ("tiny" if preset == "tiny" else CLIP_HUB)
+    if (dino == "tiny") != (clip == "tiny"):
+        raise BlipDiffError("evaluate.dino_model and clip_model: both tiny or neither (got "
+                            f"{dino!r} and {clip!r})")
+    return dino, clip, dino == "tiny"
+
+
+def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    cfg = params.evaluate
+    # DreamBench's own photos, whatever the training data; a fresh clone without the local copy downloads it
+    bench = protocol.load(dreambench.local_or_download(params.ingest.dreambench, root, fallback=True))
+    subjects = protocol.choose_subjects(bench, cfg.subjects)
+    items = protocol.plan(bench, subjects, cfg.prompts_per_subject, cfg.images_per_prompt, cfg.seed)
+    dino_id, clip_id, tiny = evaluator_ids(cfg, params.preset)  # bad ids fail before generation
+    source, model_hash = model_source(cfg, root)
+    log.info("evaluating %s (%s): %d subjects, %d images per mode, modes %s", source, model_hash,
+             len(subjects), len(items), MODES[cfg.mode])
+
+    gen = Generation(cfg, bench, source, root)
+    rows, keep, made, reused = [], set(), 0, 0
+    start = time.perf_counter()
+    for mode in MODES[cfg.mode]:
+        todo = []
+        for item in items:
+            path = image_path(mode, item, image_key(mode, item, model_hash, cfg))
+            keep.add(path)
+            rows.append({"mode": mode, "subject": item.subject, "category": item.category,
+                         "prompt": item.clip_text, "seed": item.seed,
+                         "image": path.relative_to(EVAL_DIR).as_posix(), "prompt_index": item.prompt_index,
+                         "image_index": item.image_index, "class_phrase": item.class_phrase,
+                         "context": item.context})
+            if (root / path).is_file() and _readable(root / path):
+                reused += 1
+            else:
+                todo.append((item, path))
+        made += gen.run(mode, todo)
+    gen_seconds = time.perf_counter() - start
+    stale = prune(root, keep)
+    log.info("generated %d images in %.1f s, reused %d, removed %d stale", made, gen_seconds, reused, stale)
+
+    ev = Evaluators.build(None if tiny else dino_id, None if tiny else clip_id, tiny=tiny,
+                          seed=cfg.seed, device=str(gen.device), batch_size=cfg.evaluator_batch_size)
+    real = {s: bench.real[s] for s in subjects}
+    per_image, oracle_row, stats = scoring.score(pd.DataFrame(rows), real, ev, root / EVAL_DIR,
+                                                 cfg.evaluator_batch_size)
+    if stats["images_skipped"]:
+        raise BlipDiffError(f"evaluate: {stats['images_skipped']} generated images could not be read back")
+    detail = round_floats(scoring.summary(per_image, oracle_row, ev.describe()))
+    detail["settings"] = settings(cfg, cfg.model, model_hash, ev, len(subjects), len(items))
+    write_outputs(root, per_image, detail, real)
+
+    metrics = scoring.flat_metrics(detail)
+    metrics.update({"subjects": len(subjects), "run_images_generated": made, "run_images_reused": reused,
+                    "run_images_stale_removed": stale, "seconds_generation": round(gen_seconds, 3),
+                    "seconds_per_image_generated": round(gen_seconds / made, 4) if made else 0.0,
+                    "seconds_scoring": round(stats["seconds_scoring"], 3),
+                    "samples_per_s_scoring": round(stats["scored_images_per_s"], 2)})
+    tracking.set_tags({"model_hash": model_hash, "evaluated_model": source, "dino_model": dino_id,
+                       "clip_model": clip_id})
+    return metrics, grids(root, per_image)
+
+
+def settings(cfg: EvaluateConfig, source: str, model_hash: str, ev, subjects: int, images: int) -> dict:
+    return {"model": source, "model_hash": model_hash, "modes": ", ".join(MODES[cfg.mode]),
+            "subjects": subjects, "images_per_mode": images, "prompts_per_subject": cfg.prompts_per_subject,
+            "images_per_prompt": cfg.images_per_prompt,
+            "reference": "all reference images, embeddings averaged" if cfg.reference == "average"
+            else f"reference image #{cfg.reference}",
+            "seed_rule": f"sha256(subject|prompt index|image index) + {cfg.seed}",
+            **{k: v for k, v in sampler(cfg).items()},
+            **({f"finetune_{k}": v for k, v in cfg.finetune.model_dump().items()} if cfg.mode != "zero_shot" else {}),
+            **ev.describe()}
+
+
+def write_outputs(root: Path, per_image: pd.DataFrame, detail: dict, real: dict[str, list[Path]]) -> None:
+    out = root / EVAL_DIR
+    with atomic_path(root / PER_IMAGE) as tmp:
+        per_image.to_parquet(tmp, index=False)
+    write_json(detail, root / DETAIL)
+    bars = [{"mode": mode, "subject": subject, **{k: round(v[k], 4) for k in ("dino", "clip_i", "clip_t")}}
+            for mode, summ in detail["modes"].items() for subject, v in summ["per_subject"].items()]
+    with atomic_path(root / PER_SUBJECT) as tmp:
+        pd.DataFrame(bars).to_csv(tmp, index=False)
+    report.write_report(root / REPORT, per_image, detail, real, title="DreamBench evaluation",
+                        settings=detail["settings"])
+    log.info("wrote %s (%d images scored)", out, len(per_image))
+
+
+def grids(root: Path, per_image: pd.DataFrame, limit: int = 8) -> dict[str, np.ndarray]:
+    """One image grid per mode and subject (rows: prompts), for the MLflow run (first `limit`)."""
+    from components.evaluation.scoring import read_image
+
+    out = {}
+    for (mode, subject), frame in list(per_image.groupby(["mode", "subject"], sort=True))[:limit]:
+        rows = [[np.asarray(read_image(root / EVAL_DIR / p)) for p in g["image"]]
+                for _, g in frame.groupby("prompt_index", sort=True)]
+        width = max(len(r) for r in rows)
+        h, w = rows[0][0].shape[:2]
+        canvas = np.full((h * len(rows), w * width, 3), 255, np.uint8)
+        for r, row in enumerate(rows):
+            for c, image in enumerate(row):
+                canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = image[:h, :w]
+        out[f"grid_{mode}_{subject}"] = canvas
+    return out
+
+
+def after_run(params: Params, root: Path) -> None:
+    """Inside the stage's MLflow run: the report as artifacts, and the link to the model's run
+    (the train_subject run tagged with the same model hash) and its registered version."""
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in (REPORT, DETAIL, PER_IMAGE, PER_SUBJECT):
+            (Path(tmp) / path.name).write_bytes((root / path).read_bytes())
+        tracking.log_artifacts(Path(tmp), "dreambench")
+    run_id = tracking.current_run_id()
+    detail = json.loads((root / DETAIL).read_text())
+    model_hash = detail["settings"]["model_hash"]
+    client = mlflow.MlflowClient()
+    found = client.search_runs([tracking.experiment_id(root)],
+                               f"tags.model_hash = '{model_hash}' and tags.dvc_stage = 'train_subject'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if not found:
+        log.info("no train_subject run is tagged with model hash %s: the evaluation is not linked", model_hash)
+        return
+    model_run = found[0].info.run_id
+    tags = {"evaluated_run_id": model_run}
+    versions = client.search_model_versions(f"run_id = '{model_run}'")
+    flat = scoring.flat_metrics(detail)
+    for version in versions:
+        tags["evaluated_model_version"] = f"{version.name}/{version.version}"
+        for key, value in flat.items():
+            client.set_model_version_tag(version.name, version.version, f"dreambench.{key}", str(value))
+        client.set_model_version_tag(version.name, version.version, "dreambench.run_id", str(run_id))
+    tracking.set_tags(tags)
+    log.info("evaluation linked to model run %s %s", model_run, tags.get("evaluated_model_version", ""))
