@@ -13,12 +13,16 @@ Prints:
    `torch.utils.flop_counter` on the meta device (attention included: SDPA runs its math path,
    batched matmuls, there), and the protocol's time on an H100 at an assumed utilisation.
 
-    python benchmarks/eval_bench.py [--images 16] [--skip-full-size]
+    python benchmarks/eval_bench.py [--images 16] [--skip-full-size] [--threads N]
+
+Another busy process on the machine slows multi-threaded timings badly (OpenMP threads wait
+for each other): the header prints the load average; `--threads 1` is steadier then.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -186,9 +190,18 @@ def count_flops(module: torch.nn.Module, fn) -> tuple[int, int, int]:
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         fn()
     hand.close()
-    per_op = counter.get_flop_counts()["Global"]
-    attention = sum(v for k, v in per_op.items() if "bmm" in str(k) or "scaled_dot_product" in str(k))
-    return counter.get_total_flops(), attention, hand.flops
+    return counter.get_total_flops(), attention_flops(counter.get_flop_counts()), hand.flops
+
+
+def attention_flops(by_module: dict[str, dict]) -> int:
+    """The counter's FLOPs of batched matmuls and SDPA ops, less those of the q/k/v/out
+    projections (a Linear on a 3-D input can dispatch to bmm as well)."""
+    def matmuls(ops: dict) -> int:
+        return sum(v for k, v in ops.items() if "bmm" in str(k) or "scaled_dot_product" in str(k))
+
+    projections = sum(matmuls(ops) for name, ops in by_module.items()
+                      if name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")))
+    return matmuls(by_module["Global"]) - projections
 
 
 def gpu_estimate() -> None:
@@ -233,14 +246,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=16, help="images (and texts) per scoring batch")
     parser.add_argument("--skip-full-size", action="store_true", help="skip the full-size UNet and VAE timings")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU; {os.cpu_count()} cores, "
+          f"load average {load} at start (other processes slow the timings)")
     rates = bench_evaluators(args.images)
     bench_tiny_generation()
     full = None if args.skip_full_size else bench_full_size()
     extrapolate(rates, full)
     gpu_estimate()
+    print(f"\nload average {', '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
 
 
 if __name__ == "__main__":
