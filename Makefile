@@ -12,6 +12,11 @@ $(BIN)/blipdiff: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# constraints.txt pins every package; torch 2.13.0 is the CPU build on this machine's disk.
+	# onnxruntime-gpu replaced onnxruntime. Both install the module `onnxruntime` (the CPU
+	# package hides the GPU providers), so a venv that has the old one drops both, and the
+	# install below puts onnxruntime-gpu back whole.
+	if $(BIN)/python -m pip show -q onnxruntime >/dev/null 2>&1; then \
+		$(BIN)/python -m pip uninstall -q -y onnxruntime onnxruntime-gpu; fi
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 

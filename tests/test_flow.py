@@ -25,15 +25,16 @@ def test_flow_runs_stages_in_order_under_one_parent_run(checkout, tmp_path):
     env = {**env, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true"}
     result, logs = _flow(work, env)
     assert result == ("{'ingest': 'ran', 'context': 'ran', 'pretrain_qformer': 'ran', 'train_subject': 'ran', "
-                      "'evaluate': 'ran'}")
+                      "'evaluate': 'ran', 'export': 'ran'}")
     assert "Task run 'dvc repro context'" in logs and "wrote 24 pairs" in logs
 
     client = mlflow.tracking.MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"pipeline", "ingest", "context", "pretrain_qformer", "train_subject", "evaluate"}
+    assert set(runs) == {"pipeline", "ingest", "context", "pretrain_qformer", "train_subject", "evaluate",
+                         "export"}
     parent_id = runs["pipeline"].info.run_id
-    for stage in ("ingest", "context", "pretrain_qformer", "train_subject", "evaluate"):
+    for stage in ("ingest", "context", "pretrain_qformer", "train_subject", "evaluate", "export"):
         assert runs[stage].data.tags["mlflow.parentRunId"] == parent_id
     # the evaluation names the model run it scored, and the registered version carries its scores
     model_run = runs["train_subject"].info.run_id
@@ -46,8 +47,8 @@ def test_flow_runs_stages_in_order_under_one_parent_run(checkout, tmp_path):
     # second run: DVC finds nothing stale, no new stage run in MLflow
     result, _ = _flow(work, env)
     assert result == ("{'ingest': 'up to date', 'context': 'up to date', 'pretrain_qformer': 'up to date', "
-                      "'train_subject': 'up to date', 'evaluate': 'up to date'}")
-    assert len(client.search_runs([exp.experiment_id])) == 7  # one more parent, no stage runs
+                      "'train_subject': 'up to date', 'evaluate': 'up to date', 'export': 'up to date'}")
+    assert len(client.search_runs([exp.experiment_id])) == 8  # one more parent, no stage runs
 
 
 def _free_port() -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components.core.errors import ConfigError
 
@@ -248,6 +248,29 @@ class EvaluateConfig(_Section):
         return self
 
 
+# --------------------------------------------------------------------------- export
+class ExportConfig(_Section):
+    """ONNX graphs (subject encoder, text encoder, UNet, VAE decoder) with ONNX Runtime parity;
+    TensorRT engines on a GPU."""
+
+    # The model folder (train_subject's) or a hub id; null = the preset's model.
+    model: str | None = "models/blip_diffusion"
+    opset: Literal[18, 19] = 18
+    fp16: bool = True  # also <graph>.fp16.onnx (fp32 inputs and outputs), for GPUs
+    batch: int = Field(2, ge=2, le=64)  # example batch of the export (a dynamic dim exported at 1 is specialised)
+    tensorrt: Literal["auto", "on", "off"] = "auto"  # auto: engines when CUDA and tensorrt are there
+    tensorrt_profile: Literal["static512", "dynamic"] = "static512"
+    workspace_gb: float = Field(8.0, gt=0, le=1024)  # TensorRT builder workspace
+    parity_seed: int = 0  # the random inputs of the parity check
+    device: Literal["cpu", "cuda", "auto"] = "cpu"  # where the graphs are traced
+
+    @field_validator("tensorrt", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `on`/`off` as true/false.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 # ------------------------------------------------------------- per-preset defaults
 # Training settings that depend on the model's size. In params.yaml these keys say `auto`
 # (or are left out) and take the preset's value; an explicit value always wins. The full
@@ -279,6 +302,7 @@ class Params(_Section):
     pretrain_qformer: PretrainQFormerConfig = PretrainQFormerConfig()
     train_subject: TrainSubjectConfig = TrainSubjectConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -18,6 +18,10 @@ QFORMER_DIR = Path("models/qformer")
 BLIP_DIFFUSION_DIR = Path("models/blip_diffusion")
 # evaluate (DreamBench)
 EVAL_DIR = Path("reports/dreambench")
+# export (ONNX graphs, TensorRT engines; the parity report)
+EXPORT_DIR = Path("models/onnx")  # ONNX graphs (DVC output)
+ENGINES_DIR = Path("models/tensorrt")  # TensorRT engines: per GPU and TensorRT version, not DVC-tracked
+EXPORT_REPORT_DIR = Path("reports/export")
 
 # Training checkpoints (git- and DVC-ignored), one folder per stage.
 CHECKPOINTS_DIR = Path("models/.checkpoints")

@@ -28,7 +28,8 @@ log = logging.getLogger("blipdiff")
 
 # Metric name prefixes that go to MLflow only: they differ between machines, or between a
 # fresh and a resumed run (`run_`), not with the params and data.
-MACHINE_DEPENDENT = ("seconds_", "samples_per_s", "peak_memory_mb", "run_")
+# `diff_` are numerical differences whose last digits come from the CPU's kernels.
+MACHINE_DEPENDENT = ("seconds_", "samples_per_s", "peak_memory_mb", "run_", "diff_")
 
 
 def stage_module(stage: str) -> ModuleType:
@@ -60,8 +61,8 @@ def run_stage(stage: str, params_path: Path, overrides: list[str], root: Path, *
             try:
                 module.after_run(params, root)
             except Exception as exc:  # tracking never fails a stage whose outputs are written
-                log.warning("%s: registering its model failed (%s: %s); the stage's outputs are written: "
-                            "register them later with `blipdiff register`", stage, type(exc).__name__,
-                            str(exc)[:300])
+                log.warning("%s: tracking after the run failed (%s: %s); the stage's outputs are written%s",
+                            stage, type(exc).__name__, str(exc)[:300],
+                            ": register the model later with `blipdiff register`" if stage == "train_subject" else "")
     log.info("%s done in %.1f s; metrics in %s", stage, metrics["seconds_wall"], metrics_file(stage))
     return metrics
