@@ -1,1 +1,3 @@
-"""Batch serving of exported engines (to come with the export stage)."""
+"""Batch serving: the model's sampling loop on PyTorch, ONNX Runtime or TensorRT networks
+(`backends`), one `Generator` over them (`generator`), and `blipdiff batch` from a manifest
+(`batch`)."""

@@ -22,7 +22,8 @@ LAYERS = {
     "components.context": 3,  # CLIPSeg, matting
     "components.training": 3,  # training loop, fine-tuning
     "components.evaluation": 3,  # DreamBench protocol, evaluators, metrics, report
-    "serving": 3,
+    "components.export": 3,  # ONNX graphs and their parity, TensorRT engines
+    "serving": 4,  # batch serving: the model's sampler on torch, ONNX Runtime or TensorRT (uses export)
     "components.stages": 4,  # one module per DVC stage
     "components.cli": 5,  # the application
     "flows": 5,

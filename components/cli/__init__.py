@@ -1,5 +1,5 @@
 """`blipdiff`: one subcommand per pipeline stage (what dvc.yaml runs), plus `generate`, `finetune`,
-`register` and `score`.
+`register`, `score` and `batch`.
 
 A user error prints one line `blipdiff <command>: error: ...` and exits with status 2.
 Only the chosen subcommand's arguments are built, so `blipdiff ingest --help` imports no
@@ -22,6 +22,7 @@ TOOLS = {
     "finetune": "fine-tune on one subject (full UNet or LoRA)",
     "register": "register a trained model folder in the MLflow registry (no retraining)",
     "score": "DINO, CLIP-I and CLIP-T of any generated images against real subject images",
+    "batch": "batch generation from a manifest on torch, ONNX Runtime or TensorRT (resumable)",
 }
 
 
@@ -39,6 +40,10 @@ def _tool(name: str):
         from components.cli import score
 
         return score
+    if name == "batch":
+        from components.cli import batch
+
+        return batch
     from components.cli import finetune
 
     return finetune

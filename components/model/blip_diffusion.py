@@ -8,13 +8,19 @@ presets that build or load it are in `components.model.presets`.
 Generation follows the reference (diffusers' deprecated BlipDiffusionPipeline) step by
 step, but batched: several prompts and several images per prompt go through the UNet in
 one batch, and subject embeddings can be computed once and reused.
+
+`generate` is the project's one sampling loop. The networks it calls are swappable
+(`Networks`): by default the bundle's own PyTorch modules (`TorchNetworks`); serving passes
+ONNX Runtime sessions or TensorRT engines instead (`serving.backends`). Tokenization, the
+scheduler, guidance, the seeded latents and the VAE scaling stay here, whatever runs the
+networks.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +32,94 @@ from components.model.processor import ImageProcessorConfig
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("pndm", "ddim", "dpmsolver++")
+
+
+class Networks(Protocol):
+    """The four networks the sampler calls, as one backend runs them, and the sizes it needs
+    from them. Tensors in and out are torch tensors on `device`; `dtype` is the latents'.
+
+    - subject_embeds(pixel_values (B,3,S,S), input_ids (B,L), attention_mask (B,L)) -> (B,Q,D)
+    - text(input_ids (B,T), subject_embeds (B,Q,D), has_subject (B,) bool) -> (B,T,D): a row
+      with a subject was tokenized to T - Q ids (padded to T) and gets the subject embeddings
+      spliced in at `ctx_begin_pos`; a row without is the plain text encoder over T ids.
+    - unet(sample (B,C,h,w), timestep (the scheduler's 0-d tensor), hidden (B,T,D)) -> noise
+    - vae_decode(latents (B,C,h,w), already divided by `scaling_factor`) -> images in [-1, 1]
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    text_length: int  # T: the text encoder's positions (77)
+    latent_channels: int
+    vae_scale_factor: int
+    scaling_factor: float
+
+    def subject_embeds(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+    def text(self, input_ids: torch.Tensor, subject_embeds: torch.Tensor, has_subject: torch.Tensor) -> torch.Tensor: ...
+
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchNetworks:
+    """`Networks` on the bundle's own PyTorch modules, on their device and in their dtypes
+    (the default of `generate` and `subject_embeddings`)."""
+
+    def __init__(self, model: "BlipDiffusion"):
+        self.model = model
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.unet.dtype
+
+    @property
+    def text_length(self) -> int:
+        return int(self.model.text_encoder.config.max_position_embeddings)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.model.unet.config.in_channels)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.model.vae_scale_factor
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.model.vae.config.scaling_factor
+
+    def subject_embeds(self, pixel_values, input_ids, attention_mask):
+        return self.model.qformer(pixel_values.to(self.device, self.model.qformer.dtype), input_ids.to(self.device),
+                                  attention_mask.to(self.device))
+
+    def text(self, input_ids, subject_embeds, has_subject):
+        te, num_query = self.model.text_encoder, subject_embeds.shape[1]
+        has = has_subject.to("cpu", torch.bool)
+
+        def run(ids, embeds, subject: bool):
+            if subject:  # the prompt's own ids: the subject embeddings take the last num_query positions
+                return te(ids[:, :ids.shape[1] - num_query].to(self.device), ctx_embeddings=embeds.to(te.dtype),
+                          ctx_begin_pos=self.model.ctx_begin_pos).last_hidden_state
+            return te(ids.to(self.device)).last_hidden_state
+
+        if has.all() or not has.any():
+            return run(input_ids, subject_embeds, bool(has.all()))
+        out = torch.empty(*input_ids.shape, te.config.hidden_size, device=self.device, dtype=te.dtype)
+        out[has.to(self.device)] = run(input_ids[has], subject_embeds[has.to(subject_embeds.device)], True)
+        out[~has.to(self.device)] = run(input_ids[~has], None, False)
+        return out
+
+    def unet(self, sample, timestep, hidden):
+        return self.model.unet(sample, timestep, encoder_hidden_states=hidden.to(self.model.unet.dtype)).sample
+
+    def vae_decode(self, latents):
+        return self.model.vae.decode(latents).sample
 
 
 @dataclass
@@ -66,13 +160,16 @@ class BlipDiffusion:
 
     # ---------------------------------------------------------------- subject
     @torch.inference_mode()
-    def subject_embeddings(self, images: Sequence[Image.Image | np.ndarray], subject: str) -> torch.Tensor:
-        """Embeddings of one subject from one or more reference images, averaged: (1, Q, D)."""
+    def subject_embeddings(self, images: Sequence[Image.Image | np.ndarray], subject: str,
+                           networks: Networks | None = None) -> torch.Tensor:
+        """Embeddings of one subject from one or more reference images, averaged: (1, Q, D).
+        `networks`: who runs the subject encoder (default: the bundle's Q-Former)."""
         if not images:
             raise BlipDiffError("subject_embeddings: no reference image given")
-        pixels = self.image_processor(images).to(self.device, self.qformer.dtype)
+        nets = TorchNetworks(self) if networks is None else networks
+        pixels = self.image_processor(images).to(nets.device)
         text = self.qformer_tokenizer([subject] * len(images), return_tensors="pt", padding=True)
-        embeds = self.qformer(pixels, text.input_ids.to(self.device), text.attention_mask.to(self.device))
+        embeds = nets.subject_embeds(pixels, text.input_ids.to(nets.device), text.attention_mask.to(nets.device))
         return embeds.mean(dim=0, keepdim=True)
 
     # ---------------------------------------------------------------- latents
@@ -162,7 +259,7 @@ class BlipDiffusion:
         self,
         subject_embeds: torch.Tensor,
         prompts: list[str],
-        target_subject: str,
+        target_subject: str | list[str],
         seeds: list[int],
         negative_prompt: str = "",
         guidance_scale: float = 7.5,
@@ -173,33 +270,50 @@ class BlipDiffusion:
         prompt_strength: float = 1.0,
         prompt_reps: int = 20,
         progress: bool = False,
+        networks: Networks | None = None,
     ) -> np.ndarray:
         """One image per (prompt, seed) pair: `prompts` and `seeds` have equal length.
 
-        All images go through the UNet in one batch (two with guidance). Returns float
-        images in [0, 1], shape (N, H, W, 3).
+        `subject_embeds` is (1, Q, D), shared, or (N, Q, D), one per prompt; `target_subject`
+        one class for all prompts or one per prompt. All images go through the UNet in one
+        batch (two with guidance). `networks` runs the four networks (default: the bundle's
+        PyTorch modules). Returns float images in [0, 1], shape (N, H, W, 3).
         """
         if len(prompts) != len(seeds):
             raise BlipDiffError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        targets = [target_subject] * len(prompts) if isinstance(target_subject, str) else list(target_subject)
+        if len(targets) != len(prompts):
+            raise BlipDiffError(f"{len(prompts)} prompts but {len(targets)} target subjects")
         if height % 8 or width % 8:
             raise BlipDiffError(f"height and width must be multiples of 8, got {height}x{width}")
         if num_inference_steps < 1:
             raise BlipDiffError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        nets = TorchNetworks(self) if networks is None else networks
         sched = self.make_scheduler(scheduler)
-        built = [self.build_prompt(p, target_subject, prompt_strength, prompt_reps) for p in prompts]
-        cond = self.encode_prompts(built, subject_embeds.to(self.device, self.text_encoder.dtype))
+        built = [self.build_prompt(p, t, prompt_strength, prompt_reps) for p, t in zip(prompts, targets)]
+        count, (num_query, hidden) = len(built), subject_embeds.shape[1:]
+        embeds = subject_embeds.to(nets.device)
+        embeds = embeds.expand(count, -1, -1) if len(embeds) == 1 else embeds
+        cond = nets.text(self._text_ids(built, num_query, nets.text_length), embeds,
+                         torch.ones(count, dtype=torch.bool))
         guided = guidance_scale > 1.0
-        text = torch.cat([self.encode_negative(negative_prompt, len(built)), cond]) if guided else cond
+        if guided:  # the negative prompt alone, without subject embeddings, once for all images
+            negative = nets.text(self._text_ids([negative_prompt], 0, nets.text_length),
+                                 torch.zeros(1, num_query, hidden, device=nets.device, dtype=embeds.dtype),
+                                 torch.zeros(1, dtype=torch.bool))
+            text = torch.cat([negative.expand(count, -1, -1), cond])
+        else:
+            text = cond
 
-        factor = self.vae_scale_factor
-        shape = (1, self.unet.config.in_channels, height // factor, width // factor)
+        factor = nets.vae_scale_factor
+        shape = (1, nets.latent_channels, height // factor, width // factor)
         # One generator per image: an image depends on its seed only, not on the batch.
         latents = torch.cat([
             torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32)
             for s in seeds
-        ]).to(self.device, self.unet.dtype)
+        ]).to(nets.device, nets.dtype)
         latents = latents * sched.init_noise_sigma
-        sched.set_timesteps(num_inference_steps, device=self.device)
+        sched.set_timesteps(num_inference_steps, device=nets.device)
         steps = sched.timesteps
         if progress:
             from tqdm import tqdm
@@ -208,10 +322,20 @@ class BlipDiffusion:
         for t in steps:
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = sched.scale_model_input(model_input, t)
-            noise = self.unet(model_input, t, encoder_hidden_states=text.to(self.unet.dtype)).sample
+            noise = nets.unet(model_input, t, text)
             if guided:
                 uncond, cond_noise = noise.chunk(2)
                 noise = uncond + guidance_scale * (cond_noise - uncond)
             latents = sched.step(noise, t, latents).prev_sample
-        image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        image = nets.vae_decode(latents / nets.scaling_factor)
         return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+
+    def _text_ids(self, prompts: list[str], num_query: int, text_length: int) -> torch.Tensor:
+        """`text_length` token ids per prompt (CPU): tokenized to text_length - num_query ids (the
+        room the subject embeddings take; 0 without them) as `prompt_ids`, then padded."""
+        length = text_length - num_query
+        ids = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=length,
+                             return_tensors="pt").input_ids
+        if num_query:
+            ids = torch.cat([ids, ids.new_full((len(ids), num_query), self.tokenizer.pad_token_id)], 1)
+        return ids

@@ -1,0 +1,106 @@
+"""`blipdiff batch`: generate every image of a manifest on torch, ONNX Runtime or TensorRT, resumably.
+
+    blipdiff batch --manifest jobs.csv --backend onnxruntime --model models/onnx --out out/
+    blipdiff batch --manifest jobs.parquet --model models:/blip-diffusion@champion --out out/
+
+Manifest columns: id, prompt, source_subject, subject_images (CSV: `;`-separated) or
+embeddings; optional target_subject, num_images, seed, steps, guidance_scale, scheduler,
+negative_prompt, height, width (defaults: the flags below). Writes out/images/<id>_<k>.png,
+out/records.parquet, out/errors.jsonl (bad rows) and out/batches.jsonl (finished batches: a
+re-run after an interruption makes only what is missing, with the same bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from components.core.errors import BlipDiffError
+from components.core.paths import BLIP_DIFFUSION_DIR, EXPORT_DIR
+from components.data.images import MAX_PIXELS
+from components.model.blip_diffusion import SCHEDULERS
+from components.model.device import DTYPES
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", type=Path, required=True, help="jobs: .csv, .jsonl or .parquet")
+    p.add_argument("--backend", default="torch", choices=BACKENDS)
+    p.add_argument("--model", help="a model folder, an export folder (onnxruntime, tensorrt), or a registered model "
+                                   f"models:/NAME@ALIAS or models:/NAME/VERSION (default: {BLIP_DIFFUSION_DIR} for "
+                                   f"torch, {EXPORT_DIR} otherwise)")
+    p.add_argument("--out", type=Path, required=True, help="output folder; an existing one is resumed")
+    p.add_argument("--batch-size", type=int, default=8, help="images per UNet batch")
+    gen = p.add_argument_group("defaults of the manifest's optional columns")
+    gen.add_argument("--seed", type=int, default=0, help="image k of a row uses seed + k")
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--scheduler", default="pndm", choices=SCHEDULERS)
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--height", type=int, help="default: the model's native size")
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--prompt-strength", type=float, default=1.0)
+    gen.add_argument("--prompt-reps", type=int, default=20)
+    gen.add_argument("--max-image-pixels", type=int, default=MAX_PIXELS,
+                     help="refuse a subject image declaring more pixels, before decoding it")
+    run_on = p.add_argument_group("where it runs")
+    run_on.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="torch backend")
+    run_on.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="torch: auto = fp16 on GPU, fp32 on CPU; onnxruntime: fp32 or fp16 graphs "
+                             "(auto = fp16 on CUDA)")
+    run_on.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in order of preference "
+                                                       "(default: CUDA then CPU when there is a GPU, else CPU)")
+    run_on.add_argument("--engine-dir", type=Path, help="TensorRT engines (default: models/tensorrt beside the export)")
+    run_on.add_argument("--trt-profile", help="the engines' optimisation profile (default: the only one there)")
+    run_on.add_argument("--build-engines", action="store_true",
+                        help="build (or reuse up-to-date) TensorRT engines from the export's fp16 graphs first")
+
+
+def _defaults(args):
+    from serving.batch import Sampler
+
+    for name in ("height", "width"):
+        size = getattr(args, name)
+        if size is not None and (size <= 0 or size % 8):
+            raise BlipDiffError(f"--{name} must be a positive multiple of 8, got {size}")
+    if args.steps < 1:
+        raise BlipDiffError(f"--steps must be >= 1, got {args.steps}")
+    if args.prompt_reps < 1:
+        raise BlipDiffError(f"--prompt-reps must be >= 1, got {args.prompt_reps}")
+    return Sampler(steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
+                   negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                   prompt_strength=args.prompt_strength, prompt_reps=args.prompt_reps)
+
+
+def run(args):
+    from serving import batch
+    from serving.generator import REGISTRY_PREFIX, Generator, source_kind
+
+    defaults = _defaults(args)
+    source = args.model or str(BLIP_DIFFUSION_DIR if args.backend == "torch" else EXPORT_DIR)
+
+    def load():  # called once the manifest has been checked
+        source_kind(source)
+        if source.startswith(REGISTRY_PREFIX):
+            import mlflow
+
+            from components.core import tracking
+
+            mlflow.set_tracking_uri(tracking.tracking_uri(Path.cwd()))
+        gen = Generator.load(source, args.backend, device=args.device, dtype=args.dtype, providers=args.providers,
+                             engine_dir=args.engine_dir, trt_profile=args.trt_profile,
+                             build_engines=args.build_engines)
+        log.info("model %s on %s (%s)", gen.source, gen.backend, gen.provider)
+        return gen
+
+    summary = batch.run(args.manifest, args.out, load, defaults, batch_size=args.batch_size, seed=args.seed,
+                        max_image_pixels=args.max_image_pixels)
+    if summary.failed_rows:
+        log.warning("%d bad rows: see %s", summary.failed_rows, args.out / batch.ERRORS)
+    print(f"{args.out}: {summary.generated} images generated, {summary.skipped} already there, "
+          f"{summary.failed_rows} bad rows")
+    return summary

@@ -1,0 +1,333 @@
+"""Who runs the four networks of the sampler: PyTorch, ONNX Runtime or TensorRT.
+
+Each backend is a `components.model.blip_diffusion.Networks`: `subject_embeds`, `text`,
+`unet`, `vae_decode` on torch tensors, plus the sizes the sampling loop reads. The loop
+itself (tokenization, scheduler, guidance, seeded latents, VAE scaling) is
+`BlipDiffusion.generate`, the same for all three.
+
+- `TorchNetworks(model)`: the bundle's own modules (the model's default).
+- `OrtNetworks(export_dir)`: the export's ONNX graphs in ONNX Runtime sessions; the fp32
+  graphs, or the fp16 ones (fp32 inputs and outputs) when running on CUDA.
+- `TrtNetworks(export_dir, engine_dir)`: TensorRT engines built from the fp16 graphs
+  (`components.export.tensorrt`), bound to torch CUDA tensors and run on one CUDA stream.
+  A call larger than the engine's optimisation profile is split, a smaller one padded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from components.core.errors import BlipDiffError
+from components.core.paths import ENGINES_DIR
+from components.export import tensorrt as trtx
+from components.model.blip_diffusion import TorchNetworks
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+GRAPHS = ("subject_encoder", "text_encoder", "unet", "vae_decoder")
+OUTPUTS = {"subject_encoder": "subject_embeds", "text_encoder": "text_embeds", "unet": "noise_pred",
+           "vae_decoder": "images"}
+EXPORT_FILE = "export.json"
+
+__all__ = ["BACKENDS", "OrtNetworks", "TorchNetworks", "TrtNetworks", "chunks", "output_shape", "read_export",
+           "select_engines"]
+
+
+def read_export(export_dir: Path) -> dict:
+    """An export folder's export.json (what `blipdiff export` / the export stage writes)."""
+    path = Path(export_dir) / EXPORT_FILE
+    if not path.is_file():
+        raise BlipDiffError(f"{export_dir}: not an export folder (no {EXPORT_FILE}); run the export stage "
+                            "(`dvc repro export`)")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as exc:
+        raise BlipDiffError(f"{path}: not valid JSON ({exc})") from None
+    missing = [k for k in ("text_length", "latent_channels", "vae_scale_factor", "scaling_factor", "num_query_tokens",
+                           "hidden_size") if k not in meta]
+    if missing:
+        raise BlipDiffError(f"{path}: missing {', '.join(missing)} (an export from an older version? export again)")
+    return meta
+
+
+class _ExportSizes:
+    """The sizes the sampling loop reads, from export.json."""
+
+    def _sizes(self, meta: dict) -> None:
+        self.text_length = int(meta["text_length"])
+        self.latent_channels = int(meta["latent_channels"])
+        self.vae_scale_factor = int(meta["vae_scale_factor"])
+        self.scaling_factor = float(meta["scaling_factor"])
+        self.num_query = int(meta["num_query_tokens"])
+        self.hidden = int(meta["hidden_size"])
+
+
+# ------------------------------------------------------------------ ONNX Runtime
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
+
+
+def default_providers() -> list[str]:
+    """CUDA first when torch sees a GPU (ONNX Runtime falls back to the CPU on its own when the
+    CUDA provider cannot load), else the CPU alone."""
+    if torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OrtNetworks(_ExportSizes):
+    """The four graphs of an export folder in ONNX Runtime sessions. Inputs and outputs are
+    CPU torch tensors (fp32 graphs, or fp16 graphs that keep fp32 inputs and outputs).
+
+    `precision`: "fp32", "fp16", or "auto" (fp16 when the CUDA provider runs and the export
+    has fp16 graphs). `provider` is the execution provider that actually runs (ONNX Runtime
+    falls back to the CPU when CUDA's cannot load)."""
+
+    def __init__(self, export_dir: Path, providers: list[str] | None = None, precision: str = "auto"):
+        import onnxruntime as ort
+
+        self.export_dir = Path(export_dir)
+        self.meta = read_export(self.export_dir)
+        self._sizes(self.meta)
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        requested = list(providers or default_providers())
+        available = ort.get_available_providers()
+        unknown = [p for p in requested if p not in available]
+        if unknown:
+            raise BlipDiffError(f"ONNX Runtime {ort.__version__} has no {', '.join(unknown)} here "
+                                f"(available: {', '.join(available)})")
+        if precision not in ("auto", "fp32", "fp16"):
+            raise BlipDiffError(f"ONNX Runtime precision {precision!r}: choose auto, fp32 or fp16")
+        has_fp16 = all((self.export_dir / f"{g}.fp16.onnx").is_file() for g in GRAPHS)
+        if precision == "auto":
+            precision = "fp16" if requested[0] == "CUDAExecutionProvider" and has_fp16 else "fp32"
+        if precision == "fp16" and not has_fp16:
+            raise BlipDiffError(f"{self.export_dir}: no fp16 graphs (<graph>.fp16.onnx); export with export.fp16: true")
+        self.precision = precision
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # onnxruntime-gpu without CUDA libraries: no warning per session
+        self.sessions = {}
+        for graph in GRAPHS:
+            path = self.export_dir / (f"{graph}.fp16.onnx" if precision == "fp16" else f"{graph}.onnx")
+            if not path.is_file():
+                raise BlipDiffError(f"{path}: graph not found; export again")
+            try:
+                self.sessions[graph] = ort.InferenceSession(str(path), options, providers=requested)
+            except Exception as exc:
+                raise BlipDiffError(f"ONNX Runtime could not load {path}: {str(exc).splitlines()[0][:300]}") from None
+        self.provider = self.sessions["unet"].get_providers()[0]
+        self._types = {g: {i.name: _ORT_TYPES.get(i.type, np.float32) for i in s.get_inputs()}
+                       for g, s in self.sessions.items()}
+        log.info("ONNX Runtime %s: %s graphs of %s on %s", ort.__version__, precision, self.export_dir, self.provider)
+
+    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        types = self._types[graph]
+        arrays = {name: np.ascontiguousarray(t.detach().cpu().numpy(), dtype=types[name]) for name, t in feeds.items()}
+        out = self.sessions[graph].run([OUTPUTS[graph]], arrays)[0]
+        return torch.from_numpy(out).to(torch.float32)
+
+    def subject_embeds(self, pixel_values, input_ids, attention_mask):
+        return self._run("subject_encoder", {"pixel_values": pixel_values, "input_ids": input_ids,
+                                             "attention_mask": attention_mask})
+
+    def text(self, input_ids, subject_embeds, has_subject):
+        return self._run("text_encoder", {"input_ids": input_ids, "subject_embeds": subject_embeds,
+                                          "has_subject": has_subject})
+
+    def unet(self, sample, timestep, hidden):
+        return self._run("unet", {"sample": sample, "timestep": timestep.reshape(-1).expand(len(sample)),
+                                  "encoder_hidden_states": hidden})
+
+    def vae_decode(self, latents):
+        return self._run("vae_decoder", {"latents": latents})
+
+
+# ------------------------------------------------------------------ TensorRT
+ENGINE_RE = re.compile(r"^(?P<graph>subject_encoder|text_encoder|unet|vae_decoder)\.trt(?P<version>\d+(?:\.\d+)*)"
+                       r"\.(?P<sm>sm\d+)\.(?P<profile>[A-Za-z0-9_-]+)\.plan$")
+
+
+def default_engine_dir(export_dir: Path) -> Path:
+    """Where the engines of an export are looked for: beside the export folder as the export
+    stage writes them (models/onnx -> models/tensorrt), else `<export>/tensorrt/`, else the
+    export folder itself."""
+    export_dir = Path(export_dir)
+    for candidate in (export_dir.parent / ENGINES_DIR.name, export_dir / ENGINES_DIR.name):
+        if candidate.is_dir():
+            return candidate
+    return export_dir
+
+
+def select_engines(engine_dir: Path, trt_version: str, compute_capability, profile: str | None = None
+                   ) -> tuple[str, dict[str, Path]]:
+    """(profile, {graph: engine file}) for this TensorRT version and GPU architecture
+    (`components.export.tensorrt.engine_name`). Without `profile`, the one profile that has
+    all four engines; a missing engine, several candidate profiles, or engines built for
+    another TensorRT or GPU only are errors naming what is there and how to build."""
+    engine_dir = Path(engine_dir)
+    version, sm = trtx.version_tag(trt_version), trtx.sm_tag(compute_capability)
+    build = (f"build them with `blipdiff batch ... --backend tensorrt --build-engines` or "
+             f"components.export.tensorrt.build_engines(export_dir, {engine_dir})")
+    found = [m for m in (ENGINE_RE.match(p.name) for p in sorted(engine_dir.glob("*.plan"))) if m] \
+        if engine_dir.is_dir() else []
+    mine = [m for m in found if m["version"] == version and m["sm"] == sm]
+    profiles = sorted({m["profile"] for m in mine})
+    if profile is None:
+        complete = [p for p in profiles if {m["graph"] for m in mine if m["profile"] == p} == set(GRAPHS)]
+        if len(complete) > 1:
+            raise BlipDiffError(f"{engine_dir}: engines for several profiles ({', '.join(complete)}); choose one "
+                                "(--trt-profile)")
+        if not complete:
+            if found and not mine:
+                others = sorted({f"TensorRT {m['version']} on {m['sm']}" for m in found})
+                raise BlipDiffError(f"{engine_dir}: the engines there were built for {', '.join(others)}, not for "
+                                    f"TensorRT {version} on {sm} (an engine runs only where it was built); {build}")
+            profile = profiles[0] if len(profiles) == 1 else "static512"
+        else:
+            profile = complete[0]
+    paths = {g: engine_dir / trtx.engine_name(g, trt_version, compute_capability, profile) for g in GRAPHS}
+    missing = [p.name for p in paths.values() if not p.is_file()]
+    if missing:
+        raise BlipDiffError(f"{engine_dir}: no TensorRT engine {', '.join(missing)} (TensorRT {version}, {sm}, "
+                            f"profile {profile}); {build}")
+    return profile, paths
+
+
+def chunks(batch: int, low: int, high: int) -> list[tuple[int, int, int]]:
+    """How a call of `batch` rows runs on an engine whose profile takes `low`..`high` rows:
+    (start, stop, rows run) per enqueue; rows past stop - start are padding (copies of the
+    last row), dropped from the output. Rows are independent in every graph."""
+    if low < 1 or high < low:
+        raise BlipDiffError(f"engine batch range {low}..{high} is not a range")
+    return [(start, min(start + high, batch), max(min(start + high, batch) - start, low))
+            for start in range(0, batch, high)]
+
+
+def output_shape(graph: str, inputs: Mapping[str, tuple[int, ...]], num_query: int, hidden: int,
+                 text_length: int, vae_scale_factor: int, image_channels: int = 3) -> tuple[int, ...]:
+    """The output's shape of one graph for given input shapes (the torch buffer TensorRT writes)."""
+    if graph == "subject_encoder":
+        return (inputs["pixel_values"][0], num_query, hidden)
+    if graph == "text_encoder":
+        return (inputs["input_ids"][0], text_length, hidden)
+    if graph == "unet":
+        return tuple(inputs["sample"])
+    if graph == "vae_decoder":
+        b, _, h, w = inputs["latents"]
+        return (b, image_channels, h * vae_scale_factor, w * vae_scale_factor)
+    raise BlipDiffError(f"unknown graph {graph!r}; graphs: {', '.join(GRAPHS)}")
+
+
+def tensorrt_or_error() -> None:
+    """A clear error when TensorRT engines cannot run here (no CUDA, TensorRT missing)."""
+    available, why = trtx.tensorrt_status()
+    if not available:
+        raise BlipDiffError(f"backend tensorrt needs a CUDA GPU and TensorRT: {why}; use --backend onnxruntime "
+                            "or torch here")
+
+
+def _torch_dtype(trt, dtype) -> torch.dtype:
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
+             trt.DataType.BOOL: torch.bool, trt.DataType.INT8: torch.int8}
+    for name, value in (("INT64", torch.int64), ("BF16", torch.bfloat16), ("UINT8", torch.uint8)):
+        if hasattr(trt.DataType, name):
+            table[getattr(trt.DataType, name)] = value
+    return table[dtype]
+
+
+class TrtNetworks(_ExportSizes):
+    """TensorRT engines of an export (one per graph, one profile), run with torch CUDA tensors
+    as bindings on one CUDA stream. Inputs and outputs are fp32 (the fp16 graphs keep fp32 at
+    their edges); tensors on CUDA."""
+
+    def __init__(self, export_dir: Path, engine_dir: Path | None = None, profile: str | None = None,
+                 build: bool = False, workspace_gb: float = 8):
+        tensorrt_or_error()
+        import tensorrt as trt
+
+        self.export_dir = Path(export_dir)
+        self.meta = read_export(self.export_dir)
+        self._sizes(self.meta)
+        self.engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(self.export_dir)
+        if build:
+            trtx.build_engines(self.export_dir, self.engine_dir, profile=profile or "static512",
+                               workspace_gb=workspace_gb)
+        info = trtx.device_info()
+        self.profile, paths = select_engines(self.engine_dir, trt.__version__, info["compute_capability"], profile)
+        self.device, self.dtype = torch.device("cuda"), torch.float32
+        self.provider = f"TensorRT {trt.__version__} ({self.profile}, {trtx.sm_tag(info['compute_capability'])})"
+        self.engines, self.contexts, self.io = {}, {}, {}
+        logger = trt.Logger(trt.Logger.WARNING)
+        for graph, path in paths.items():
+            engine = trtx.load_engine(path, logger)
+            if engine is None:
+                raise BlipDiffError(f"{path}: the TensorRT engine failed to load (see the log); rebuild it "
+                                    "(--build-engines)")
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+            output = OUTPUTS[graph]
+            if output not in names:
+                raise BlipDiffError(f"{path}: no output {output!r} (tensors: {names})")
+            low, _, high = engine.get_tensor_profile_shape(inputs[0], 0)
+            self.io[graph] = {"inputs": {n: _torch_dtype(trt, engine.get_tensor_dtype(n)) for n in inputs},
+                              "output": (output, _torch_dtype(trt, engine.get_tensor_dtype(output))),
+                              "batch": (int(low[0]), int(high[0]))}
+            self.engines[graph], self.contexts[graph] = engine, engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        log.info("TensorRT engines (%s) from %s", self.profile, self.engine_dir)
+
+    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        io, context = self.io[graph], self.contexts[graph]
+        name, out_dtype = io["output"]
+        batch = len(next(iter(feeds.values())))
+        outs = []
+        for start, stop, rows in chunks(batch, *io["batch"]):
+            part = {}
+            for key, tensor in feeds.items():
+                x = tensor[start:stop]
+                if rows > stop - start:  # below the profile's minimum: pad with copies of the last row
+                    x = torch.cat([x, x[-1:].expand(rows - (stop - start), *x.shape[1:])])
+                part[key] = x.to(self.device, io["inputs"][key]).contiguous()
+            shape = output_shape(graph, {k: tuple(v.shape) for k, v in part.items()}, self.num_query, self.hidden,
+                                 self.text_length, self.vae_scale_factor)
+            out = torch.empty(shape, dtype=out_dtype, device=self.device)
+            for key, x in part.items():
+                if not context.set_input_shape(key, tuple(x.shape)):
+                    low, _, high = self.engines[graph].get_tensor_profile_shape(key, 0)
+                    raise BlipDiffError(f"{graph}: input {key} of shape {tuple(x.shape)} is outside the engine's "
+                                        f"profile {self.profile} ({tuple(low)} to {tuple(high)}); build engines for "
+                                        "this size (--trt-profile dynamic, --build-engines)")
+                context.set_tensor_address(key, x.data_ptr())
+            got = tuple(context.get_tensor_shape(name))
+            if -1 not in got and got != shape:
+                raise BlipDiffError(f"{graph}: TensorRT gives output shape {got}, expected {shape}")
+            context.set_tensor_address(name, out.data_ptr())
+            self.stream.wait_stream(torch.cuda.current_stream())  # the inputs were made on the current stream
+            if not context.execute_async_v3(self.stream.cuda_stream):
+                raise BlipDiffError(f"{graph}: TensorRT execution failed (see the log)")
+            self.stream.synchronize()  # the context and buffers are reused by the next chunk
+            outs.append(out[: stop - start])
+        return torch.cat(outs).to(torch.float32)
+
+    def subject_embeds(self, pixel_values, input_ids, attention_mask):
+        return self._run("subject_encoder", {"pixel_values": pixel_values, "input_ids": input_ids,
+                                             "attention_mask": attention_mask})
+
+    def text(self, input_ids, subject_embeds, has_subject):
+        return self._run("text_encoder", {"input_ids": input_ids, "subject_embeds": subject_embeds,
+                                          "has_subject": has_subject})
+
+    def unet(self, sample, timestep, hidden):
+        return self._run("unet", {"sample": sample, "timestep": timestep.reshape(-1).expand(len(sample)),
+                                  "encoder_hidden_states": hidden})
+
+    def vae_decode(self, latents):
+        return self._run("vae_decoder", {"latents": latents})

@@ -1,0 +1,498 @@
+"""Batch generation from a manifest, resumable: `blipdiff batch`.
+
+A manifest (CSV, JSONL or parquet) has one row per job: `id` (unique; names the images),
+`prompt`, `source_subject`, `subject_images` (a list; in CSV one string, paths separated by
+`;`) or `embeddings` (a saved subject embeddings file), and optionally `target_subject`
+(default: the source subject), `num_images` (default 1), `seed` (image k uses seed + k) and
+sampler settings `steps`, `guidance_scale`, `scheduler`, `negative_prompt`, `height`,
+`width` (defaults: the command's flags). Relative paths are relative to the manifest's folder.
+
+The whole manifest is checked before any model is loaded: a missing required column, an
+unknown column, a duplicate or unusable id stop at once with one line. A bad row (empty
+prompt, missing class, bad setting; later an unreadable subject image, an unknown class or
+a missing embeddings file) goes to `errors.jsonl` with its error, and the rest goes on.
+
+Batches: the images of all rows, in manifest order, grouped by sampler (size, steps,
+guidance, scheduler, negative prompt; groups in order of first appearance) and cut into
+batches of `batch_size` images. The plan depends on the manifest and the flags only, never on
+what is already done, so a batch always holds the same images (CPU float results can depend
+on a batch's other images in their last bits). Each finished batch is journaled in
+`batches.jsonl` after its images are written (each atomically: a temporary file, then
+os.replace). A re-run skips a batch whose journal entry (same images, same inputs, same
+model and backend) is there with all its images, and regenerates every other batch whole, so
+a run killed mid-batch and re-run gives the bytes of an uninterrupted run.
+
+Outputs: `images/<id>_<k>.png`, `records.parquet` (every input of every image, backend,
+provider, model hash, seconds of its batch), `errors.jsonl`, `batches.jsonl`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from components.core.errors import BlipDiffError
+from components.core.io import atomic_path
+from components.model.blip_diffusion import SCHEDULERS, BlipDiffusion
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("id", "prompt", "source_subject")
+SUBJECT = ("subject_images", "embeddings")  # at least one of these columns; one of them per row
+SAMPLER = ("steps", "guidance_scale", "scheduler", "negative_prompt", "height", "width")
+OPTIONAL = ("target_subject", "num_images", "seed", *SAMPLER)
+COLUMNS = (*REQUIRED, *SUBJECT, *OPTIONAL)
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
+
+IMAGES_DIR, RECORDS, ERRORS, JOURNAL = "images", "records.parquet", "errors.jsonl", "batches.jsonl"
+
+
+# ---------------------------------------------------------------------- manifest
+@dataclass(frozen=True)
+class Sampler:
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    negative_prompt: str
+    height: int | None  # None: the model's native size
+    width: int | None
+    prompt_strength: float
+    prompt_reps: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """One checked manifest row."""
+
+    id: str
+    row: int  # 1-based among the manifest's rows
+    prompt: str
+    source_subject: str
+    target_subject: str | None
+    subject_images: tuple[str, ...]
+    embeddings: str | None
+    num_images: int
+    seed: int
+    sampler: Sampler
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to make."""
+
+    job: Job
+    k: int
+
+    @property
+    def seed(self) -> int:
+        return self.job.seed + self.k
+
+    @property
+    def name(self) -> str:
+        return f"{IMAGES_DIR}/{self.job.id}_{self.k}.png"
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The manifest's rows as dicts of plain Python values (None for empty)."""
+    path = Path(path)
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise BlipDiffError(f"{path}: unknown manifest format; use .csv, .jsonl or .parquet")
+    if not path.is_file():
+        raise BlipDiffError(f"{path}: manifest not found")
+    try:
+        if kind == "jsonl":
+            rows = []
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if line.strip():
+                    value = json.loads(line)
+                    if not isinstance(value, dict):
+                        raise BlipDiffError(f"{path}:{n}: a JSONL row must be an object, got {type(value).__name__}")
+                    rows.append(value)
+            columns = list(dict.fromkeys(k for r in rows for k in r))
+        else:
+            import pandas as pd
+
+            frame = (pd.read_csv(path, dtype=str, keep_default_na=False) if kind == "csv"
+                     else pd.read_parquet(path))
+            columns, rows = [str(c) for c in frame.columns], frame.to_dict("records")
+    except BlipDiffError:
+        raise
+    except Exception as exc:  # unreadable CSV, parquet, JSON
+        raise BlipDiffError(f"{path}: not a readable {kind} manifest ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]})") from None
+    missing = [c for c in REQUIRED if c not in columns]
+    if missing or not any(c in columns for c in SUBJECT):
+        need = missing + ([] if any(c in columns for c in SUBJECT) else ["subject_images or embeddings"])
+        raise BlipDiffError(f"{path}: missing required column(s) {', '.join(need)} (has: {', '.join(columns) or 'none'})")
+    unknown = [c for c in columns if c not in COLUMNS]
+    if unknown:
+        raise BlipDiffError(f"{path}: unknown column(s) {', '.join(unknown)}; the columns are {', '.join(COLUMNS)}")
+    if not rows:
+        raise BlipDiffError(f"{path}: no rows")
+    return [{k: _plain(v) for k, v in r.items()} for r in rows]
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays to Python; NaN, None and "" (empty CSV cells) to None."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
+
+
+def _int(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if not number.is_integer():
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(number)
+
+
+def _float(value: Any, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _paths(value: Any) -> list[str]:
+    if value is None:
+        return []
+    items = value.split(";") if isinstance(value, str) else list(value)
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def _resolve(base: Path, path: str) -> str:
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def check_row(row: dict, n: int, base: Path, defaults: Sampler, seed: int) -> Job:
+    """One row as a Job; ValueError naming the problem when it is a bad row."""
+    prompt = str(row.get("prompt") or "").strip()
+    if not prompt:
+        raise ValueError("empty prompt")
+    images, embeddings = _paths(row.get("subject_images")), row.get("embeddings")
+    if bool(images) == (embeddings is not None):
+        raise ValueError("give subject_images or embeddings (one of them)")
+    source = str(row.get("source_subject") or "").strip()
+    if images and not source:
+        raise ValueError("missing class (source_subject) of the subject images")
+    num = _int(row["num_images"], "num_images") if row.get("num_images") is not None else 1
+    if num < 1:
+        raise ValueError(f"num_images must be >= 1, got {num}")
+    sampler = {}
+    for key in SAMPLER:
+        value = row.get(key)
+        if value is None:
+            sampler[key] = getattr(defaults, key)
+        elif key in ("steps", "height", "width"):
+            sampler[key] = _int(value, key)
+        elif key == "guidance_scale":
+            sampler[key] = _float(value, key)
+        else:
+            sampler[key] = str(value)
+    if sampler["steps"] < 1:
+        raise ValueError(f"steps must be >= 1, got {sampler['steps']}")
+    if sampler["scheduler"] not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {sampler['scheduler']!r}; choose one of {', '.join(SCHEDULERS)}")
+    for key in ("height", "width"):
+        if sampler[key] is not None and (sampler[key] <= 0 or sampler[key] % 8):
+            raise ValueError(f"{key} must be a positive multiple of 8, got {sampler[key]}")
+    target = str(row.get("target_subject") or "").strip() or None
+    return Job(id=str(row["id"]).strip(), row=n, prompt=prompt, source_subject=source, target_subject=target,
+               subject_images=tuple(_resolve(base, p) for p in images),
+               embeddings=_resolve(base, str(embeddings)) if embeddings is not None else None, num_images=num,
+               seed=_int(row["seed"], "seed") if row.get("seed") is not None else seed,
+               sampler=Sampler(**sampler, prompt_strength=defaults.prompt_strength, prompt_reps=defaults.prompt_reps))
+
+
+def read_manifest(path: Path, defaults: Sampler, seed: int = 0) -> tuple[list[Job], list[dict]]:
+    """(the good rows as jobs, the bad rows' errors). Stops with one line at a missing or
+    unknown column, a duplicate, empty or unusable id (ids name the image files)."""
+    path = Path(path)
+    rows = read_rows(path)
+    seen: dict[str, int] = {}
+    for n, row in enumerate(rows, 1):
+        rid = "" if row.get("id") is None else str(row["id"]).strip()
+        if not ID_RE.match(rid):
+            raise BlipDiffError(f"{path}: row {n}: id {rid!r} must be letters, digits, '.', '_' or '-' (it names "
+                                "the image files)")
+        if rid in seen:
+            raise BlipDiffError(f"{path}: duplicate id {rid!r} (rows {seen[rid]} and {n})")
+        seen[rid] = n
+    jobs, errors = [], []
+    for n, row in enumerate(rows, 1):
+        try:
+            jobs.append(check_row(row, n, path.resolve().parent, defaults, seed))
+        except ValueError as exc:
+            errors.append({"id": str(row["id"]).strip(), "row": n, "error": str(exc)})
+    return jobs, errors
+
+
+# ---------------------------------------------------------------------- plan
+@dataclass
+class Batch:
+    index: int
+    items: list[Item]
+    sampler: Sampler  # sizes resolved
+    key: str = ""
+
+
+def plan(jobs: Iterable[Job], batch_size: int, native_size: int, model_key: str) -> list[Batch]:
+    """The batches: images grouped by sampler (sizes resolved), in manifest order, cut into
+    `batch_size` images. Depends only on the jobs and flags, not on what is done."""
+    groups: dict[Sampler, list[Item]] = {}
+    for job in jobs:
+        s = job.sampler
+        resolved = Sampler(**{**asdict(s), "height": s.height or native_size, "width": s.width or native_size})
+        groups.setdefault(resolved, []).extend(Item(job, k) for k in range(job.num_images))
+    batches = []
+    for sampler, items in groups.items():
+        for lo in range(0, len(items), batch_size):
+            batch = Batch(len(batches), items[lo:lo + batch_size], sampler)
+            batch.key = batch_key(batch, model_key)
+            batches.append(batch)
+    return batches
+
+
+def batch_key(batch: Batch, model_key: str) -> str:
+    """What makes a batch's images: every input of each image, the sampler, the model and
+    backend. A journal entry with another key is stale."""
+    items = [[i.job.id, i.k, i.seed, i.job.prompt, i.job.source_subject, i.job.target_subject,
+              list(i.job.subject_images), i.job.embeddings] for i in batch.items]
+    text = json.dumps([items, asdict(batch.sampler), model_key], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+# ---------------------------------------------------------------------- subjects
+class Subjects:
+    """Subject embeddings per (reference images, class) or embeddings file, computed once and
+    kept in memory; errors too (a bad subject is reported for every row that uses it)."""
+
+    def __init__(self, generator, max_image_pixels: int):
+        self.generator, self.max_image_pixels = generator, max_image_pixels
+        self.cache: dict[tuple, tuple[Any, str] | BlipDiffError] = {}
+
+    def get(self, job: Job):
+        """(embeddings (1, Q, D), source class) or raise BlipDiffError."""
+        key = ("file", job.embeddings) if job.embeddings else ("images", job.subject_images, job.source_subject)
+        if key not in self.cache:
+            try:
+                self.cache[key] = self._compute(job)
+            except BlipDiffError as exc:
+                self.cache[key] = exc
+        value = self.cache[key]
+        if isinstance(value, BlipDiffError):
+            raise value
+        embeds, source = value
+        return embeds, job.source_subject or source
+
+    def _compute(self, job: Job):
+        from components.data.images import read_subject_images
+        from components.model.embeddings import load_embeddings
+
+        gen = self.generator
+        if job.embeddings:
+            embeds, meta = load_embeddings(Path(job.embeddings))
+            expected = (1, gen.num_query, gen.hidden)
+            if tuple(embeds.shape) != expected:
+                raise BlipDiffError(f"{job.embeddings}: embeddings of shape {tuple(embeds.shape)} do not fit this "
+                                    f"model (expects {expected})")
+            source = job.source_subject or meta.get("source_subject", "")
+            if not source:
+                raise BlipDiffError(f"{job.embeddings}: no source_subject in the row or the file's metadata")
+            return embeds.float(), source
+        tokenizer = gen.model.qformer_tokenizer
+        tokens = tokenizer.tokenize(job.source_subject)
+        if not tokens or all(t == tokenizer.unk_token for t in tokens):
+            raise BlipDiffError(f"unknown class {job.source_subject!r}: the Q-Former's tokenizer knows none of its words")
+        refs = read_subject_images([Path(p) for p in job.subject_images], max_pixels=self.max_image_pixels)
+        return gen.subject_embeddings(refs, job.source_subject), job.source_subject
+
+
+# ---------------------------------------------------------------------- outputs
+def _write_png(image: np.ndarray, path: Path) -> None:
+    from components.data.images import save_png
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_png((image * 255).round().astype("uint8"), tmp)
+    os.replace(tmp, path)
+
+
+def read_journal(out: Path) -> dict[str, dict]:
+    """Finished batches by key (a line cut by a kill is ignored)."""
+    entries = {}
+    path = out / JOURNAL
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+                entries[entry["key"]] = entry
+            except (ValueError, KeyError, TypeError):
+                continue
+    return entries
+
+
+def _append_journal(out: Path, entry: dict) -> None:
+    with open(out / JOURNAL, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _done(entry: dict | None, out: Path) -> bool:
+    return entry is not None and all((out / r["image"]).is_file() for r in entry["records"])
+
+
+def _write_records(records: list[dict], path: Path) -> None:
+    import pandas as pd
+
+    with atomic_path(path) as tmp:
+        pd.DataFrame(records).to_parquet(tmp, index=False)
+
+
+def _write_errors(errors: list[dict], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in errors))
+
+
+# ---------------------------------------------------------------------- run
+@dataclass
+class Summary:
+    images: int  # planned
+    generated: int  # this run
+    skipped: int  # already done (journal)
+    failed_rows: int
+    seconds: float
+
+
+def run(manifest: Path, out: Path, load_generator: Callable[[], Any], defaults: Sampler, batch_size: int = 8,
+        seed: int = 0, max_image_pixels: int | None = None, progress: bool = True) -> Summary:
+    """Generate every image of `manifest` into `out` (see the module doc). `load_generator` is
+    called once the manifest has been checked."""
+    from components.data.images import MAX_PIXELS
+
+    if batch_size < 1:
+        raise BlipDiffError(f"--batch-size must be >= 1, got {batch_size}")
+    jobs, static_errors = read_manifest(manifest, defaults, seed)  # before any model is loaded
+    log.info("%s: %d rows, %d images; %d bad rows", manifest, len(jobs) + len(static_errors),
+             sum(j.num_images for j in jobs), len(static_errors))
+    start = time.perf_counter()
+    gen = load_generator()
+    if not gen.native_size and any(j.sampler.height is None or j.sampler.width is None for j in jobs):
+        raise BlipDiffError("the model does not record its native size: give --height and --width")
+    info = gen.describe()
+    model_key = json.dumps({k: info[k] for k in ("backend", "provider", "model_hash")}, sort_keys=True)
+    batches = plan(jobs, batch_size, gen.native_size, model_key)
+    out = Path(out)
+    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    for stale in (out / IMAGES_DIR).glob(".*.tmp"):  # an image cut by a kill
+        stale.unlink(missing_ok=True)
+    journal = read_journal(out)
+    todo = [b for b in batches if not _done(journal.get(b.key), out)]
+    total = sum(len(b.items) for b in batches)
+    todo_keys = {b.key for b in todo}
+    skipped = sum(len(journal[b.key]["records"]) for b in batches if b.key not in todo_keys)
+    if skipped:
+        log.info("%s: %d of %d images already done (batches.jsonl): %d batches to run", out, skipped, total, len(todo))
+    subjects = Subjects(gen, max_image_pixels or MAX_PIXELS)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(b.items) for b in todo), unit="img", desc="batch", dynamic_ncols=True)
+    generated = 0
+    try:
+        for batch in todo:
+            journal[batch.key] = _run_batch(batch, gen, subjects, out, info)
+            _append_journal(out, journal[batch.key])
+            generated += len(journal[batch.key]["records"])
+            if bar is not None:
+                bar.update(len(batch.items))
+                bar.set_postfix(batch=f"{batch.index + 1}/{len(batches)}")
+    finally:
+        if bar is not None:
+            bar.close()
+
+    records, errors = [], list(static_errors)
+    reported = {(e["id"], e["error"]) for e in errors}
+    for batch in batches:
+        entry = journal[batch.key]
+        records.extend(entry["records"])
+        for e in entry["errors"]:
+            if (e["id"], e["error"]) not in reported:
+                reported.add((e["id"], e["error"]))
+                errors.append(e)
+    errors.sort(key=lambda e: e["row"])
+    _write_records(records, out / RECORDS)
+    _write_errors(errors, out / ERRORS)
+    seconds = time.perf_counter() - start
+    summary = Summary(total, generated, skipped, len({e["id"] for e in errors}), round(seconds, 3))
+    log.info("%s: %d images (%d generated, %d already there), %d bad rows (%s), %.1f s", out, len(records),
+             generated, skipped, summary.failed_rows, ERRORS, seconds)
+    return summary
+
+
+def _run_batch(batch: Batch, gen, subjects: Subjects, out: Path, info: dict) -> dict:
+    """Generate one batch's images (less those of bad rows); its journal entry."""
+    import torch
+
+    items, embeds, sources, errors = [], [], [], []
+    for item in batch.items:
+        try:
+            e, source = subjects.get(item.job)
+        except BlipDiffError as exc:
+            if not any(e["id"] == item.job.id for e in errors):
+                errors.append({"id": item.job.id, "row": item.job.row, "error": str(exc)})
+            continue
+        items.append(item)
+        embeds.append(e)
+        sources.append(source)
+    s = batch.sampler
+    records = []
+    if items:
+        targets = [i.job.target_subject or src for i, src in zip(items, sources)]
+        t = time.perf_counter()
+        images = gen.generate(
+            torch.cat(embeds), [i.job.prompt for i in items], targets, [i.seed for i in items],
+            negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale, num_inference_steps=s.steps,
+            height=s.height, width=s.width, scheduler=s.scheduler, prompt_strength=s.prompt_strength,
+            prompt_reps=s.prompt_reps,
+        )
+        seconds = time.perf_counter() - t
+        for item, source, target, image in zip(items, sources, targets, images):
+            _write_png(image, out / item.name)
+            job = item.job
+            records.append({
+                "id": job.id, "k": item.k, "image": item.name, "row": job.row, "seed": item.seed,
+                "prompt": job.prompt,
+                "built_prompt": BlipDiffusion.build_prompt(job.prompt, target, s.prompt_strength, s.prompt_reps),
+                "source_subject": source, "target_subject": target, "subject_images": list(job.subject_images),
+                "embeddings": job.embeddings, "num_images": job.num_images, **asdict(s), **info,
+                "batch": batch.index, "batch_key": batch.key, "batch_images": len(items),
+                "seconds_batch": round(seconds, 4), "seconds_per_image": round(seconds / len(items), 4),
+            })
+    return {"key": batch.key, "batch": batch.index, "records": records, "errors": errors}
