@@ -29,7 +29,7 @@ test: setup
 	. $(BIN)/activate && pytest
 
 bench: setup
-	. $(BIN)/activate && python benchmarks/context_bench.py && python benchmarks/generate_bench.py && python benchmarks/train_bench.py && python benchmarks/stream_bench.py && python benchmarks/eval_bench.py
+	. $(BIN)/activate && python benchmarks/context_bench.py && python benchmarks/generate_bench.py && python benchmarks/train_bench.py && python benchmarks/stream_bench.py && python benchmarks/eval_bench.py && python benchmarks/export_bench.py
 
 clean-venv:
 	rm -rf $(VENV)
