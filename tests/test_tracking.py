@@ -159,7 +159,7 @@ def test_failed_registration_keeps_the_stage_and_register_later(tmp_path, monkey
     monkeypatch.setattr(registry, "log_and_register", down)
     assert main(["train_subject"]) == 0
     assert (root / paths.BLIP_DIFFUSION_DIR / "unet").is_dir()
-    assert any("register them later with `blipdiff register`" in r.getMessage() for r in caplog.records)
+    assert any("register the model later with `blipdiff register`" in r.getMessage() for r in caplog.records)
     client = mlflow.tracking.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     assert not client.search_model_versions("name='blip-diffusion'")
 
