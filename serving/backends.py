@@ -27,14 +27,13 @@ import torch
 from components.core.errors import BlipDiffError
 from components.core.paths import ENGINES_DIR
 from components.export import tensorrt as trtx
+from components.export.onnx_graphs import GRAPHS, SPECS
 from components.model.blip_diffusion import TorchNetworks
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-GRAPHS = ("subject_encoder", "text_encoder", "unet", "vae_decoder")
-OUTPUTS = {"subject_encoder": "subject_embeds", "text_encoder": "text_embeds", "unet": "noise_pred",
-           "vae_decoder": "images"}
+OUTPUTS = {graph: spec[1][0] for graph, spec in SPECS.items()}  # each graph's one output
 EXPORT_FILE = "export.json"
 
 __all__ = ["BACKENDS", "OrtNetworks", "TorchNetworks", "TrtNetworks", "chunks", "output_shape", "read_export",
@@ -58,8 +57,29 @@ def read_export(export_dir: Path) -> dict:
     return meta
 
 
-class _ExportSizes:
-    """The sizes the sampling loop reads, from export.json."""
+class _ExportedNetworks:
+    """What the ONNX Runtime and TensorRT backends share: the sizes the sampling loop reads
+    (from export.json), and the four networks as calls of the exported graphs by their
+    input names; a subclass runs a graph in `_run(graph, feeds)`."""
+
+    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def subject_embeds(self, pixel_values, input_ids, attention_mask):
+        return self._run("subject_encoder", {"pixel_values": pixel_values, "input_ids": input_ids,
+                                             "attention_mask": attention_mask})
+
+    def text(self, input_ids, subject_embeds, has_subject):
+        return self._run("text_encoder", {"input_ids": input_ids, "subject_embeds": subject_embeds,
+                                          "has_subject": has_subject})
+
+    def unet(self, sample, timestep, hidden):
+        return self._run("unet", {"sample": sample, "timestep": timestep.reshape(-1).expand(len(sample)),
+                                  "encoder_hidden_states": hidden})
+
+    def vae_decode(self, latents):
+        return self._run("vae_decoder", {"latents": latents})
+
 
     def _sizes(self, meta: dict) -> None:
         self.text_length = int(meta["text_length"])
@@ -83,7 +103,7 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-class OrtNetworks(_ExportSizes):
+class OrtNetworks(_ExportedNetworks):
     """The four graphs of an export folder in ONNX Runtime sessions. Inputs and outputs are
     CPU torch tensors (fp32 graphs, or fp16 graphs that keep fp32 inputs and outputs).
 
@@ -133,21 +153,6 @@ class OrtNetworks(_ExportSizes):
         arrays = {name: np.ascontiguousarray(t.detach().cpu().numpy(), dtype=types[name]) for name, t in feeds.items()}
         out = self.sessions[graph].run([OUTPUTS[graph]], arrays)[0]
         return torch.from_numpy(out).to(torch.float32)
-
-    def subject_embeds(self, pixel_values, input_ids, attention_mask):
-        return self._run("subject_encoder", {"pixel_values": pixel_values, "input_ids": input_ids,
-                                             "attention_mask": attention_mask})
-
-    def text(self, input_ids, subject_embeds, has_subject):
-        return self._run("text_encoder", {"input_ids": input_ids, "subject_embeds": subject_embeds,
-                                          "has_subject": has_subject})
-
-    def unet(self, sample, timestep, hidden):
-        return self._run("unet", {"sample": sample, "timestep": timestep.reshape(-1).expand(len(sample)),
-                                  "encoder_hidden_states": hidden})
-
-    def vae_decode(self, latents):
-        return self._run("vae_decoder", {"latents": latents})
 
 
 # ------------------------------------------------------------------ TensorRT
@@ -243,7 +248,7 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
     return table[dtype]
 
 
-class TrtNetworks(_ExportSizes):
+class TrtNetworks(_ExportedNetworks):
     """TensorRT engines of an export (one per graph, one profile), run with torch CUDA tensors
     as bindings on one CUDA stream. Inputs and outputs are fp32 (the fp16 graphs keep fp32 at
     their edges); tensors on CUDA."""
@@ -316,18 +321,3 @@ class TrtNetworks(_ExportSizes):
             self.stream.synchronize()  # the context and buffers are reused by the next chunk
             outs.append(out[: stop - start])
         return torch.cat(outs).to(torch.float32)
-
-    def subject_embeds(self, pixel_values, input_ids, attention_mask):
-        return self._run("subject_encoder", {"pixel_values": pixel_values, "input_ids": input_ids,
-                                             "attention_mask": attention_mask})
-
-    def text(self, input_ids, subject_embeds, has_subject):
-        return self._run("text_encoder", {"input_ids": input_ids, "subject_embeds": subject_embeds,
-                                          "has_subject": has_subject})
-
-    def unet(self, sample, timestep, hidden):
-        return self._run("unet", {"sample": sample, "timestep": timestep.reshape(-1).expand(len(sample)),
-                                  "encoder_hidden_states": hidden})
-
-    def vae_decode(self, latents):
-        return self._run("vae_decoder", {"latents": latents})

@@ -249,7 +249,7 @@ def settings(cfg: EvaluateConfig, source: str, model_hash: str, ev, subjects: in
             "reference": "all reference images, embeddings averaged" if cfg.reference == "average"
             else f"reference image #{cfg.reference}",
             "seed_rule": f"sha256(subject|prompt index|image index) + {cfg.seed}",
-            **{k: v for k, v in sampler(cfg).items()},
+            **sampler(cfg),
             **({f"finetune_{k}": v for k, v in cfg.finetune.model_dump().items()} if cfg.mode != "zero_shot" else {}),
             **ev.describe()}
 
