@@ -1,82 +1,378 @@
-"""Prefect flow: run the DVC stages in order, each as a retried task, under one MLflow parent run.
+"""Prefect flows over the DVC pipeline: DVC decides what is stale and versions every output,
+Prefect runs it as deployments with retries, logs and artifacts, MLflow nests every stage
+run under the flow's run.
 
-DVC decides what is stale (`dvc repro <stage>` runs nothing when inputs are unchanged);
-Prefect adds retries, logs and deployments; MLflow nests every stage run under the
-flow's run. Serve it as a deployment:
+- `pipeline(stages, overrides)`: without overrides, `dvc repro [stages]`; with overrides
+  ({"train_subject.steps": 300}), a DVC experiment named after the flow run
+  (`dvc exp run --temp -S ... -n <flow run name>`), so `dvc exp show` lists every flow run
+  that changed a param, with its params and metrics, and the working tree stays as committed.
+- `evaluate_champion(model, overrides)`: only the `evaluate` stage, against a registered
+  model (default `models:/blip-diffusion@champion`), e.g. on a schedule.
 
-    prefect server start                           # terminal 1
-    python -m flows.pipeline serve                 # terminal 2: registers and serves
-    prefect deployment run 'blip-diffusion-pipeline/default'          # anywhere
-    prefect deployment run 'blip-diffusion-pipeline/default' -p stages='["ingest"]'
+DVC runs through its Python API in a child process (flows.dvc_ops: the stages' output streams
+into the flow log, and a stage that is killed cannot take the flow run down with it); what ran
+and why it failed come back as data. One repository has one writer: the DVC call holds a
+Prefect global concurrency limit named after the repository (limit 1), so a second flow run
+waits for the first instead of failing on DVC's lock. The DVC task is retried only for
+transient failures (DVC's lock held by another process, a stage killed before it could report,
+a stage that lost a connection); a retried training stage resumes from its newest checkpoint
+made with the same params and data (BLIPDIFF_RESUME=auto). Other failures fail the flow run
+with the stage's own error as its message.
+
+Deployments are in prefect.yaml (process work pool `blip-diffusion`); `make serve` starts the
+servers and a worker. By hand:
+
+    prefect deployment run 'blip-diffusion-pipeline/pipeline' --watch
+    prefect deployment run 'blip-diffusion-pipeline/pipeline' -p overrides='{"train_subject.steps": 300}' --watch
+    python -m flows.pipeline [STAGE ...]            # the flow once, in this process
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.concurrency.sync import concurrency
 
 from components.core import tracking
+from components.core.paths import CHECKPOINTS_ENV, RESUME_ENV  # checkpoints outside DVC's temporary copy
+from flows import dvc_ops
 
 REPO = Path(__file__).resolve().parents[1]
+RETRIES = 2
+RETRY_DELAY_S = float(os.environ.get("BLIPDIFF_RETRY_DELAY_S", "30"))
+REGISTERED_CHAMPION = "models:/blip-diffusion@champion"
 
 
 def dvc_stages(root: Path = REPO) -> list[str]:
     """Stage names in dvc.yaml order (which is pipeline order)."""
-    return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+    return dvc_ops.stages(root)
 
 
-@task(retries=2, retry_delay_seconds=10, task_run_name="dvc repro {stage}")
-def repro_stage(stage: str, root: str, parent_run_id: str | None) -> str:
+class DvcFailure(RuntimeError):
+    """A DVC operation failed; `error` says how (flows.dvc_ops) and whether a retry may help."""
+
+    def __init__(self, error: dict[str, Any]):
+        self.error = error
+        super().__init__(error.get("message", "DVC failed"))
+
+    @property
+    def transient(self) -> bool:
+        return bool(self.error.get("transient"))
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: only failures a later attempt can get past."""
+    try:
+        state.result()
+    except DvcFailure as exc:
+        return exc.transient
+    except Exception:
+        return False
+    return False
+
+
+def repo_limit_name(root: Path) -> str:
+    """The global concurrency limit of one repository (its resolved path)."""
+    digest = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:12]
+    return f"blipdiff-repo-{digest}"
+
+
+def ensure_repo_limit(name: str) -> None:
+    """Create the limit (1 slot) if it does not exist yet; never change an existing one."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:  # another flow run created it meanwhile
+                pass
+
+
+@task(retries=RETRIES, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=_retry_transient,
+      task_run_name="{label}")
+def dvc_task(label: str, mode: str, targets: list[str], overrides: dict[str, Any], name: str | None,
+             root: str, env_extra: dict[str, str]) -> dict[str, Any]:
+    """One DVC operation (flows.dvc_ops in a child process), its output streamed to this log."""
+    from prefect.runtime import task_run
+
     logger = get_run_logger()
-    env = dict(os.environ)
-    if parent_run_id:
-        env[tracking.PARENT_RUN_ENV] = parent_run_id
-    # The venv's bin first, so `dvc` and the stage commands resolve to this install.
+    env = {**os.environ, **env_extra, "TQDM_DISABLE": "1"}  # progress bars are for terminals
+    # the venv's bin first, so `blipdiff` (the stages' command) resolves to this install
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["TQDM_DISABLE"] = "1"  # progress bars are for terminals, not the flow log
-    proc = subprocess.Popen(
-        ["dvc", "repro", stage], cwd=root, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    lines = []
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line:
-            logger.info(line)
-        lines.append(line)
-    if proc.wait() != 0:
-        raise RuntimeError(f"dvc repro {stage} failed (exit {proc.returncode}):\n" + "\n".join(lines[-20:]))
-    return "ran" if f"Running stage '{stage}'" in "\n".join(lines) else "up to date"
+    if task_run.run_count > 1:
+        env[RESUME_ENV] = "auto"  # a retried training stage continues from its checkpoint
+        logger.info("attempt %d: training stages resume from their newest matching checkpoint", task_run.run_count)
+    with tempfile.TemporaryDirectory(prefix="blipdiff-dvc-") as tmp:
+        result_file = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "flows.dvc_ops", str(result_file), mode, *targets, "--root", root]
+        if mode == "exp":
+            cmd += ["--overrides", json.dumps(overrides), "--name", str(name)]
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        for line in proc.stdout:
+            if line.strip():
+                logger.info(line.rstrip())
+        code = proc.wait()
+        if not result_file.is_file():
+            raise DvcFailure({"kind": dvc_ops.STAGE_KILLED, "transient": True,
+                              "message": f"the DVC process died without a result (exit {code})"})
+        result = json.loads(result_file.read_text())
+    if not result["ok"]:
+        raise DvcFailure(result["error"])
+    return result
+
+
+@task(retries=3, retry_delay_seconds=5)
+def open_parent_run(root: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+    """The flow's MLflow run (retried: the tracking server may be restarting)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(Path(root)))
+    client = mlflow.MlflowClient()
+    run = client.create_run(tracking.experiment_id(Path(root)), run_name=run_name, tags=tags)
+    flat = tracking.flatten(params)
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id
+
+
+def experiment_name(flow_run_name: str, root: Path) -> str:
+    """The DVC experiment's name: the flow run's, made a valid git ref name, unique."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", flow_run_name).strip("-.") or "flow-run"
+    taken = set(dvc_ops.experiments(root))
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}-{n}", n + 1
+    return name
+
+
+def ui_url(uri: str) -> str:
+    """Where the MLflow UI of this tracking store is: the server itself, or what `make serve`
+    / `mlflow ui` starts for a local store (MLFLOW_UI_URL overrides it)."""
+    if os.environ.get("MLFLOW_UI_URL"):
+        return os.environ["MLFLOW_UI_URL"].rstrip("/")
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def _stage_runs(root: Path, parent_run_id: str) -> dict[str, Any]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking.tracking_uri(root))
+    runs = client.search_runs([tracking.experiment_id(root)], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              order_by=["attributes.start_time ASC"])
+    return {run.info.run_name: run for run in runs}
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def metrics_markdown(title: str, outcome: dict[str, str], metrics: dict[str, dict], links: dict[str, str],
+                     header: list[str]) -> str:
+    """The artifact: per stage its outcome, its MLflow run and a table of its DVC metrics."""
+    lines = [f"# {title}", "", *header, ""]
+    for stage, state in outcome.items():
+        link = f" · [MLflow run]({links[stage]})" if stage in links else ""
+        lines += [f"## {stage}: {state}{link}", ""]
+        values = metrics.get(stage) or {}
+        if values:
+            lines += ["| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(values.items()) if not isinstance(v, (dict, list))]
+        else:
+            lines.append("(no metrics)")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _artifact_key(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:60] or "run"
 
 
 @flow(name="blip-diffusion-pipeline", log_prints=True)
-def pipeline(stages: list[str] | None = None, root: str = str(REPO)) -> dict[str, str]:
-    """Run `stages` (default: all, in dvc.yaml order); return each stage's outcome."""
-    import mlflow
+def pipeline(stages: list[str] | None = None, overrides: dict[str, Any] | None = None,
+             root: str = str(REPO)) -> dict[str, Any]:
+    """Run the DVC pipeline (all stages or `stages` and what they need).
 
-    all_stages = dvc_stages(Path(root))
-    stages = stages or all_stages
-    unknown = [s for s in stages if s not in all_stages]
+    Args:
+        stages: stage names from dvc.yaml (default: all, in pipeline order).
+        overrides: params.yaml values for this run, as {"section.key": value}; the run is then a
+            DVC experiment named after the flow run (`dvc exp run -S key=value`).
+        root: the repository (default: the one this flow's code is in).
+    """
+    from prefect.runtime import deployment, flow_run
+
+    logger = get_run_logger()
+    rootp = Path(root)
+    all_stages = dvc_stages(rootp)
+    targets = list(stages or [])
+    unknown = [s for s in targets if s not in all_stages]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; dvc.yaml has {all_stages}")
-    mlflow.set_tracking_uri(tracking.tracking_uri(Path(root)))
-    experiment_id = tracking.experiment_id(Path(root))
-    with mlflow.start_run(experiment_id=experiment_id, run_name="pipeline",
-                          tags={"git_commit": tracking.git_commit(Path(root))}) as parent:
-        outcome = {}
-        for stage in sorted(stages, key=all_stages.index):
-            outcome[stage] = repro_stage(stage, root, parent.info.run_id)
-        mlflow.log_dict(outcome, "outcome.json")
-    return outcome
+    overrides = dict(overrides or {})
+    if overrides:
+        dvc_ops.check_overrides(rootp, overrides)  # unknown keys or bad values fail here, clearly
+    run_name = flow_run.name or "local"
+    mode = "exp" if overrides else "repro"
+    from components.core.config import load_params
+
+    params = load_params(rootp / "params.yaml", dvc_ops.override_args(overrides)).model_dump()
+    tags = {"git_commit": tracking.git_commit(rootp), "git_dirty": tracking.git_dirty(rootp),
+            "prefect_flow_run_id": str(flow_run.id or ""), "prefect_flow_run_name": run_name,
+            "prefect_deployment": str(deployment.name or ""), "dvc_mode": mode,
+            "stages": ",".join(targets) or "all"}
+    parent_state = open_parent_run(root, "pipeline", tags, params, return_state=True)
+    parent_run_id = parent_state.result() if parent_state.is_completed() else None
+    if parent_run_id is None:
+        logger.warning("MLflow could not be reached: the stage runs are not nested under a flow run")
+
+    limit = repo_limit_name(rootp)
+    ensure_repo_limit(limit)
+    env_extra = {tracking.FLOW_RUN_ENV: str(flow_run.id or ""),
+                 CHECKPOINTS_ENV: str(tracking.store_root(rootp) / "models" / ".checkpoints")}
+    if parent_run_id:
+        env_extra[tracking.PARENT_RUN_ENV] = parent_run_id
+    waited = time.monotonic()
+    status = "FAILED"
+    try:
+        with concurrency(limit, occupy=1, strict=True):
+            waited = time.monotonic() - waited
+            if waited > 1:
+                logger.info("waited %.0f s for the repository (another flow run held %s)", waited, limit)
+            started = time.time()
+            if mode == "exp":
+                name = experiment_name(run_name, rootp)
+                if parent_run_id:
+                    _set_parent_tag(rootp, parent_run_id, "dvc_experiment", name)
+                label = f"dvc exp run -n {name} " + " ".join(dvc_ops.override_args(overrides))
+                result = dvc_task(label, "exp", targets, overrides, name, root, env_extra)
+            else:
+                label = "dvc repro" + "".join(f" {t}" for t in targets)
+                result = dvc_task(label, "repro", targets, {}, None, root, env_extra)
+            finished = time.time()
+            # the stages this run covered, in pipeline order: what ran, and what DVC found up to date
+            covered = targets or all_stages
+            order = [s for s in all_stages if s in covered or s in result["ran"]]
+            outcome = {s: ("ran" if s in result["ran"] else "up to date") for s in order}
+            metrics = dvc_ops.metrics(rootp, order, rev=result["rev"] if mode == "exp" else None)
+        status = "FINISHED"
+    finally:
+        if parent_run_id:
+            _close_parent(rootp, parent_run_id, status)
+    summary = {"mode": "experiment" if mode == "exp" else "repro", "experiment": result.get("experiment"),
+               "rev": result["rev"], "outcome": outcome, "started": started, "finished": finished,
+               "waited_s": round(waited, 1), "mlflow_run_id": parent_run_id}
+    _report(rootp, summary, metrics, parent_run_id, run_name)
+    return summary
+
+
+def _set_parent_tag(root: Path, run_id: str, key: str, value: str) -> None:
+    import mlflow
+
+    try:
+        mlflow.MlflowClient(tracking.tracking_uri(root)).set_tag(run_id, key, value)
+    except Exception as exc:  # tracking never fails the flow
+        get_run_logger().warning("MLflow: could not tag the flow run (%s)", exc)
+
+
+def _close_parent(root: Path, run_id: str, status: str) -> None:
+    import mlflow
+
+    try:
+        mlflow.MlflowClient(tracking.tracking_uri(root)).set_terminated(run_id, status)
+    except Exception as exc:
+        get_run_logger().warning("MLflow: could not close the flow run (%s)", exc)
+
+
+def _report(root: Path, summary: dict, metrics: dict[str, dict], parent_run_id: str | None, run_name: str) -> None:
+    """Prefect artifacts (metrics per stage with MLflow links; the evaluation report) and the
+    parent MLflow run's summary (each stage's metrics as `<stage>.<name>`, outcome.json)."""
+    import mlflow
+
+    logger = get_run_logger()
+    uri = tracking.tracking_uri(root)
+    base = ui_url(uri)
+    links: dict[str, str] = {}
+    stage_runs: dict[str, Any] = {}
+    try:
+        if parent_run_id:
+            stage_runs = _stage_runs(root, parent_run_id)
+            experiment = tracking.experiment_id(root)
+            links = {name: f"{base}/#/experiments/{experiment}/runs/{run.info.run_id}"
+                     for name, run in stage_runs.items()}
+            client = mlflow.MlflowClient(uri)
+            flat = {f"{stage}.{k}": float(v) for stage, values in metrics.items() for k, v in values.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            items = [Metric(k, v, now, 0) for k, v in flat.items()]
+            for i in range(0, len(items), 500):
+                client.log_batch(parent_run_id, metrics=items[i:i + 500])
+            client.log_dict(parent_run_id, summary, "outcome.json")
+    except Exception as exc:
+        logger.warning("MLflow: could not summarise the flow run (%s)", exc)
+    header = [f"- mode: **{summary['mode']}**" + (f", DVC experiment `{summary['experiment']}` "
+                                                  f"(`dvc exp show`)" if summary["experiment"] else ""),
+              f"- revision: `{summary['rev'][:12]}`"]
+    if parent_run_id:
+        header.append(f"- MLflow: [flow run]({base}/#/experiments/{tracking.experiment_id(root)}/runs/{parent_run_id})")
+    key = _artifact_key(f"pipeline-{run_name}")
+    create_markdown_artifact(metrics_markdown(f"blip-diffusion pipeline: {run_name}", summary["outcome"], metrics,
+                                              links, header), key=key, description="each stage's metrics")
+    if "evaluate" in summary["outcome"]:
+        _evaluation_artifact(root, summary, metrics.get("evaluate") or {}, stage_runs.get("evaluate"), base, run_name)
+
+
+def _evaluation_artifact(root: Path, summary: dict, values: dict, run, base: str, run_name: str) -> None:
+    """The DreamBench summary as markdown, and links to the full HTML report (an artifact of
+    the evaluate MLflow run; in the working tree too when the run was a plain repro)."""
+    rows = [(k, v) for k, v in sorted(values.items()) if k.endswith(("_dino", "_clip_i", "_clip_t"))]
+    lines = ["# DreamBench evaluation", "", "| score | value |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in rows]]
+    if run is not None:
+        report = f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts/dreambench/report.html"
+        lines += ["", f"Full report (per subject, with images): [report.html in MLflow]({report})"]
+        tags = run.data.tags
+        if tags.get("promotion_decision"):
+            lines += ["", f"Registry: **{tags['promotion_decision']}** — {tags.get('promotion_reason', '')}"]
+        create_link_artifact(report, link_text="DreamBench report (MLflow)", key=_artifact_key(f"report-{run_name}"),
+                             description="the evaluation's HTML report")
+    if summary["mode"] == "repro":
+        lines += ["", f"In the working tree: `{root / 'reports/dreambench/report.html'}`"]
+    create_markdown_artifact("\n".join(lines), key=_artifact_key(f"evaluation-{run_name}"),
+                             description="DreamBench scores of this flow run")
+
+
+@flow(name="blip-diffusion-evaluate", log_prints=True)
+def evaluate_champion(model: str = REGISTERED_CHAMPION, overrides: dict[str, Any] | None = None,
+                      root: str = str(REPO)) -> dict[str, Any]:
+    """Evaluate a registered model on DreamBench (stage `evaluate` only), as a DVC experiment.
+
+    Args:
+        model: the model to evaluate: models:/NAME@ALIAS, models:/NAME/VERSION or a folder.
+        overrides: more params.yaml values, e.g. {"evaluate.subjects": "all"}.
+        root: the repository.
+    """
+    return pipeline(stages=["evaluate"], overrides={"evaluate.model": model, **(overrides or {})}, root=root)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["serve"]:
-        pipeline.serve(name="default")
-    else:
-        print(pipeline(sys.argv[1:] or None))
+    print(json.dumps(pipeline(sys.argv[1:] or None)))

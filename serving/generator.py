@@ -27,12 +27,12 @@ import torch
 
 from components.core.errors import BlipDiffError
 from components.core.io import folder_hash
+from components.core.paths import REGISTRY_PREFIX
 from components.model.blip_diffusion import BlipDiffusion, Networks
 from serving.backends import BACKENDS, EXPORT_FILE, OrtNetworks, TorchNetworks, TrtNetworks, read_export
 
 log = logging.getLogger(__name__)
 
-REGISTRY_PREFIX = "models:/"
 
 
 def source_kind(source: str | Path) -> str:
@@ -53,45 +53,12 @@ def source_kind(source: str | Path) -> str:
                         "models:/NAME/VERSION)")
 
 
-def registered_checkpoint(uri: str, dst: Path) -> tuple[Path, str]:
-    """Download a registered model's checkpoint artifact: (folder, "name version N")."""
-    import mlflow
-    from mlflow.models import Model
-
-    name_ref = uri[len(REGISTRY_PREFIX):]
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
-    except Exception as exc:
-        raise BlipDiffError(f"{uri}: could not get the registered model ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:300]})") from None
-    flavor = Model.load(str(local)).flavors.get("python_function", {})
-    artifact = (flavor.get("artifacts") or {}).get("checkpoint")
-    if not artifact:
-        raise BlipDiffError(f"{uri}: not a BLIP-Diffusion pyfunc (no `checkpoint` artifact)")
-    version = _registered_version(name_ref)
-    return local / artifact["path"], version
-
-
-def _registered_version(name_ref: str) -> str:
-    """"blip-diffusion version 3" for blip-diffusion@alias or blip-diffusion/3."""
-    from mlflow import MlflowClient
-
-    try:
-        if "@" in name_ref:
-            name, alias = name_ref.split("@", 1)
-            return f"{name} version {MlflowClient().get_model_version_by_alias(name, alias).version}"
-        name, _, version = name_ref.rpartition("/")
-        return f"{name} version {version}"
-    except Exception:  # only a description: the download above has already succeeded
-        return name_ref
-
-
 def load_registered(uri: str, keep: list) -> tuple[BlipDiffusion, str, str]:
     """The registered model, loaded as the registry's pyfunc loads it (its `load_context`:
     frozen parts rebuilt from the recorded base); (model, hash of the artifact, version)."""
     from mlflow.pyfunc import PythonModelContext
 
-    from components.model.registry import BlipDiffusionPyfunc
+    from components.model.registry import BlipDiffusionPyfunc, registered_checkpoint
 
     tmp = tempfile.TemporaryDirectory(prefix="blipdiff-registry-")
     keep.append(tmp)

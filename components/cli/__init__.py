@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from components.core.errors import BlipDiffError
+from components.core.errors import BlipDiffError, StageReport
+from components.core.paths import RESUME_ENV
 from components.stages import RESUMABLE, STAGES
 
 TOOLS = {
@@ -92,15 +94,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("alembic", "urllib3", "httpx", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        if args.command in TOOLS:
+    if args.command in TOOLS:
+        try:
             _tool(args.command).run(args)
-        else:
-            from components.stages.runner import run_stage
+        except BlipDiffError as exc:
+            print(f"blipdiff {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    from components.stages.runner import run_stage
 
-            options = {"resume": args.resume} if getattr(args, "resume", None) else {}
-            run_stage(args.command, args.params, args.overrides, Path.cwd(), **options)
+    report = StageReport(args.command)
+    # --resume, else $BLIPDIFF_RESUME (a flow retrying a stage sets "auto": resume a matching
+    # checkpoint if there is one)
+    resume = getattr(args, "resume", None) or (os.environ.get(RESUME_ENV) if args.command in RESUMABLE else None)
+    try:
+        run_stage(args.command, args.params, args.overrides, Path.cwd(), **({"resume": resume} if resume else {}))
     except BlipDiffError as exc:
+        report.failed(exc)
         print(f"blipdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BaseException as exc:
+        report.failed(exc)
+        raise
+    report.done()
     return 0

@@ -27,7 +27,12 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "BLIPDIFF_PARENT_RUN_ID"
+FLOW_RUN_ENV = "BLIPDIFF_FLOW_RUN_ID"  # the Prefect flow run that drives this stage run (a tag)
 DEFAULT_EXPERIMENT = "blip-diffusion"
+# MLflow 3's UI opens an experiment without a kind on its GenAI traces overview; a
+# model-training experiment opens on its runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def store_root(root: Path) -> Path:
@@ -109,11 +114,13 @@ def experiment_id(root: Path) -> str:
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     artifacts = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         artifacts = (store_root(root) / "mlartifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifacts)
+    return mlflow.create_experiment(name, artifact_location=artifacts, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 # --------------------------------------------------------------------------- outages
@@ -197,6 +204,8 @@ def stage_run(stage: str, params: dict[str, Any], root: Path) -> Iterator[Any]:
             "params_hash": params_hash(params), **dvc_input_hashes(root, stage)}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get(FLOW_RUN_ENV):
+        tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
     if parent:
         tags["mlflow.parentRunId"] = parent
     flat = [Param(k, str(v)) for k, v in flatten(params).items()]
@@ -281,3 +290,14 @@ def _tags(values: dict[str, str]) -> list:
     from mlflow.entities import RunTag
 
     return [RunTag(k, v) for k, v in values.items()]
+
+
+def log_dataset(frame, name: str, source: Path, context: str) -> None:
+    """A table the run read or wrote (a manifest) as an MLflow dataset input: the UI lists it
+    with its digest and schema on the run (no-op outside a run)."""
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = mlflow.data.from_pandas(frame, source=str(source), name=name)
+    entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+    _record("datasets", lambda client, run_id: client.log_inputs(run_id, datasets=[entity]))

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import mlflow.pyfunc
 
+from components.core.errors import BlipDiffError
+from components.core.paths import REGISTRY_PREFIX
+
 log = logging.getLogger(__name__)
 
 REGISTERED_NAME = "blip-diffusion"
@@ -89,8 +92,6 @@ def restore_frozen(artifact: Path, out: Path) -> Path:
     import shutil
 
     from safetensors.torch import load_file, save_file
-
-    from components.core.errors import BlipDiffError
 
     base = json.loads((artifact / BASE_FILE).read_text())
     donor = _donor(base)
@@ -192,5 +193,140 @@ def log_and_register(checkpoint: Path, run_id: str | None = None, name: str = RE
             registered_model_name=name,
         )
     version = str(info.registered_model_version)
-    log.info("registered %s version %s (%s)", name, version, info.model_uri)
+    set_candidate(version, name)  # the newest version waits for its evaluation as the candidate
+    log.info("registered %s version %s (%s), alias @%s", name, version, info.model_uri, CANDIDATE)
     return version
+
+
+def registered_checkpoint(uri: str, dst: Path) -> tuple[Path, str]:
+    """Download a registered model's checkpoint artifact: (folder, "name version N")."""
+    import mlflow
+    from mlflow.models import Model
+
+    name_ref = uri[len(REGISTRY_PREFIX):]
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except Exception as exc:
+        raise BlipDiffError(f"{uri}: could not get the registered model ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:300]})") from None
+    flavor = Model.load(str(local)).flavors.get("python_function", {})
+    artifact = (flavor.get("artifacts") or {}).get("checkpoint")
+    if not artifact:
+        raise BlipDiffError(f"{uri}: not a BLIP-Diffusion pyfunc (no `checkpoint` artifact)")
+    version = _registered_version(name_ref)
+    return local / artifact["path"], version
+
+
+def _registered_version(name_ref: str) -> str:
+    """"blip-diffusion version 3" for blip-diffusion@alias or blip-diffusion/3."""
+    from mlflow import MlflowClient
+
+    try:
+        if "@" in name_ref:
+            name, alias = name_ref.split("@", 1)
+            return f"{name} version {MlflowClient().get_model_version_by_alias(name, alias).version}"
+        name, _, version = name_ref.rpartition("/")
+        return f"{name} version {version}"
+    except Exception:  # only a description: the download above has already succeeded
+        return name_ref
+
+
+def registered_folder(uri: str, dst: Path) -> tuple[Path, str, str]:
+    """A registered model as a full checkpoint folder under `dst` (frozen parts rebuilt from
+    its base where the artifact left them out): (folder, hash of the artifact, "name version N")."""
+    from components.core.io import folder_hash
+
+    artifact, version = registered_checkpoint(uri, dst / "download")
+    digest = folder_hash(artifact)
+    if (artifact / BASE_FILE).is_file():
+        return restore_frozen(artifact, dst / "checkpoint"), digest, version
+    return artifact, digest, version
+
+
+# ------------------------------------------------------------------ aliases and promotion
+# A newly registered version is the `candidate`; `evaluate` makes it the `champion` only when
+# its DreamBench scores beat the champion's under the same evaluation protocol: DINO first,
+# CLIP-T to break a tie. The decision is recorded on both versions (tags `promotion.*`).
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+
+
+def set_candidate(version: str, name: str = REGISTERED_NAME) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
+
+
+def resolve_version(uri: str):
+    """The ModelVersion that models:/NAME@ALIAS or models:/NAME/VERSION names."""
+    from mlflow import MlflowClient
+
+    ref = uri[len(REGISTRY_PREFIX):]
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, _, version = ref.rpartition("/")
+        return client.get_model_version(name, version)
+    except Exception as exc:
+        raise BlipDiffError(f"{uri}: no such registered model version ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]})") from None
+
+
+def _alias_version(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def promote_if_better(name: str, version: str, scores: dict[str, float], protocol: str,
+                      evaluate_run: str | None = None) -> dict[str, str]:
+    """Compare `version`'s scores ({"dino", "clip_t"}, evaluated under `protocol`, a hash of
+    the evaluation settings) with the champion's and move `champion` when they are better.
+    Returns the decision (also written as tags on both versions)."""
+    import time
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    ours = (scores["dino"], scores["clip_t"])
+    champion = _alias_version(client, name, CHAMPION)
+    decision = {"promotion.protocol": protocol, "promotion.evaluate_run": str(evaluate_run),
+                "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "promotion.dino": f"{ours[0]:.6f}", "promotion.clip_t": f"{ours[1]:.6f}"}
+    if champion is None:
+        decision.update({"promotion.decision": "promoted", "promotion.reason": "no champion yet"})
+    elif str(champion.version) == str(version):
+        decision.update({"promotion.decision": "champion", "promotion.reason": "re-evaluated the champion"})
+    else:
+        decision["promotion.compared_with"] = champion.version
+        tags = champion.tags
+        theirs_protocol = tags.get("promotion.protocol")
+        if theirs_protocol != protocol:
+            decision.update({"promotion.decision": "kept",
+                             "promotion.reason": f"the champion (version {champion.version}) has no scores under "
+                                                 f"this evaluation protocol ({protocol}; its: {theirs_protocol}): "
+                                                 "re-evaluate it (deployment evaluate-champion) to compare"})
+        else:
+            theirs = (float(tags["promotion.dino"]), float(tags["promotion.clip_t"]))
+            better = round(ours[0], 6) > round(theirs[0], 6) or (
+                round(ours[0], 6) == round(theirs[0], 6) and round(ours[1], 6) > round(theirs[1], 6))
+            verdict = (f"DINO {ours[0]:.4f} vs {theirs[0]:.4f}, CLIP-T {ours[1]:.4f} vs {theirs[1]:.4f} "
+                       f"(version {champion.version})")
+            decision.update({"promotion.decision": "promoted" if better else "kept",
+                             "promotion.reason": ("beats the champion: " if better else "does not beat the champion: ")
+                             + verdict})
+            client.set_model_version_tag(name, champion.version, "promotion.last_challenger", str(version))
+            client.set_model_version_tag(name, champion.version, "promotion.last_challenge",
+                                         f"superseded by version {version}" if better else
+                                         f"defended against version {version}: {verdict}")
+    for key, value in decision.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    if decision["promotion.decision"] == "promoted":
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+    log.info("%s version %s: %s (%s)", name, version, decision["promotion.decision"], decision["promotion.reason"])
+    return decision

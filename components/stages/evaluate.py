@@ -30,7 +30,7 @@ from components.core import tracking
 from components.core.config import EvaluateConfig, Params
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path, folder_hash, round_floats, write_json
-from components.core.paths import EVAL_DIR
+from components.core.paths import EVAL_DIR, REGISTRY_PREFIX
 from components.data import dreambench
 from components.data.images import read_subject_images, save_png
 from components.evaluation import protocol, report, scoring
@@ -46,19 +46,35 @@ DETAIL = EVAL_DIR / "metrics.json"
 REPORT = EVAL_DIR / "report.html"
 PER_SUBJECT = EVAL_DIR / "per_subject.csv"
 OUTPUTS = (IMAGES_DIR, PER_IMAGE, DETAIL, REPORT)
+DATASETS = ((PER_IMAGE, "evaluation"),)  # MLflow dataset inputs: the scored images
 PLOTS = (PER_SUBJECT,)
 MODES = {"zero_shot": ["zero_shot"], "finetuned": ["finetuned"], "both": ["zero_shot", "finetuned"]}
 
 
+_REGISTRY_TMP: list = []  # the downloaded registered model lives as long as the stage run
+
+
 def model_source(cfg: EvaluateConfig, root: Path) -> tuple[str, str]:
-    """(what to load, its hash): a local folder hashes by its files, a hub id is its own key."""
+    """(what to load, its hash): a local folder hashes by its files, a registered model
+    (models:/NAME@ALIAS or models:/NAME/VERSION, e.g. the champion) by its artifact's files,
+    a hub id is its own key."""
+    if cfg.model.startswith(REGISTRY_PREFIX):
+        import tempfile
+
+        from components.model.registry import registered_folder
+
+        tmp = tempfile.TemporaryDirectory(prefix="blipdiff-evaluate-")
+        _REGISTRY_TMP.append(tmp)
+        folder, digest, version = registered_folder(cfg.model, Path(tmp.name))
+        log.info("%s is %s", cfg.model, version)
+        return str(folder), digest
     local = (root / cfg.model).expanduser()
     if local.is_dir():
         return str(local), folder_hash(local)
     if "/" in cfg.model and not cfg.model.startswith((".", "/")) and not Path(cfg.model).exists():
         return cfg.model, cfg.model
     raise BlipDiffError(f"evaluate.model: {local} not found (run `dvc repro train_subject`, or name a "
-                        "model folder or hub id)")
+                        "model folder, a registered model models:/NAME@ALIAS or a hub id)")
 
 
 def sampler(cfg: EvaluateConfig) -> dict:
@@ -254,6 +270,11 @@ def settings(cfg: EvaluateConfig, source: str, model_hash: str, ev, subjects: in
             **ev.describe()}
 
 
+def protocol_hash(settings: dict) -> str:
+    """What makes two evaluations comparable: every setting but the model evaluated."""
+    return tracking.params_hash({k: v for k, v in settings.items() if k not in ("model", "model_hash")})
+
+
 def write_outputs(root: Path, per_image: pd.DataFrame, detail: dict, real: dict[str, list[Path]]) -> None:
     out = root / EVAL_DIR
     with atomic_path(root / PER_IMAGE) as tmp:
@@ -288,10 +309,13 @@ def grids(root: Path, per_image: pd.DataFrame, limit: int = 8) -> dict[str, np.n
 
 def after_run(params: Params, root: Path) -> None:
     """Inside the stage's MLflow run: the report as artifacts, and the link to the model's run
-    (the train_subject run tagged with the same model hash) and its registered version."""
+    (the train_subject run tagged with the same model hash) and its registered version, whose
+    scores decide whether it becomes the registry's champion."""
     import tempfile
 
     import mlflow
+
+    from components.model import registry
 
     with tempfile.TemporaryDirectory() as tmp:
         for path in (REPORT, DETAIL, PER_IMAGE, PER_SUBJECT):
@@ -301,20 +325,30 @@ def after_run(params: Params, root: Path) -> None:
     detail = json.loads((root / DETAIL).read_text())
     model_hash = detail["settings"]["model_hash"]
     client = mlflow.MlflowClient()
-    found = client.search_runs([tracking.experiment_id(root)],
-                               f"tags.model_hash = '{model_hash}' and tags.dvc_stage = 'train_subject'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
-    if not found:
-        log.info("no train_subject run is tagged with model hash %s: the evaluation is not linked", model_hash)
-        return
-    model_run = found[0].info.run_id
+    if params.evaluate.model.startswith(REGISTRY_PREFIX):  # a registered version, e.g. the champion
+        versions = [registry.resolve_version(params.evaluate.model)]
+        model_run = versions[0].run_id
+    else:
+        found = client.search_runs([tracking.experiment_id(root)],
+                                   f"tags.model_hash = '{model_hash}' and tags.dvc_stage = 'train_subject'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        if not found:
+            log.info("no train_subject run is tagged with model hash %s: the evaluation is not linked", model_hash)
+            return
+        model_run = found[0].info.run_id
+        versions = client.search_model_versions(f"run_id = '{model_run}'")
     tags = {"evaluated_run_id": model_run}
-    versions = client.search_model_versions(f"run_id = '{model_run}'")
     flat = scoring.flat_metrics(detail)
+    mode = MODES[params.evaluate.mode][0]  # the mode promotion compares (zero-shot when both ran)
     for version in versions:
         tags["evaluated_model_version"] = f"{version.name}/{version.version}"
         for key, value in flat.items():
             client.set_model_version_tag(version.name, version.version, f"dreambench.{key}", str(value))
         client.set_model_version_tag(version.name, version.version, "dreambench.run_id", str(run_id))
+        decision = registry.promote_if_better(
+            version.name, version.version, {"dino": flat[f"{mode}_dino"], "clip_t": flat[f"{mode}_clip_t"]},
+            protocol_hash(detail["settings"]), run_id)
+        tags["promotion_decision"] = decision["promotion.decision"]
+        tags["promotion_reason"] = decision["promotion.reason"]
     tracking.set_tags(tags)
     log.info("evaluation linked to model run %s %s", model_run, tags.get("evaluated_model_version", ""))

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 SECTIONS = ("ingest",)  # the params this stage reads (dvc.yaml `params`)
 OUTPUTS = (SUBJECTS_DIR, SUBJECTS_MANIFEST)
+DATASETS = ((SUBJECTS_MANIFEST, "output"),)  # MLflow dataset inputs of the run
 # Reasons that count towards ingest.max_skipped_fraction: files that could not be read.
 # Duplicates, too large images and empty subjects are skipped and reported, not counted.
 UNREADABLE = (images.NOT_AN_IMAGE, images.CORRUPT, images.TRUNCATED)

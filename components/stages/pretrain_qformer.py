@@ -53,7 +53,7 @@ from torch.utils.data import Dataset, default_collate
 from components.core.config import Params, PretrainQFormerConfig
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path
-from components.core.paths import QFORMER_DIR, SUBJECTS_MANIFEST, checkpoint_dir, curve_file
+from components.core.paths import QFORMER_DIR, SUBJECTS_MANIFEST, checkpoint_dir, checkpoint_root, curve_file
 from components.data.images import read_listed_rgb
 from components.data.manifests import SUBJECTS_SCHEMA, read_manifest
 from components.model.presets import from_preset
@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 SECTIONS = ("preset", "pretrain_qformer")  # the params this stage reads (dvc.yaml `params`)
 OUTPUTS = (QFORMER_DIR,)
+DATASETS = ((SUBJECTS_MANIFEST, "training"),)  # MLflow dataset inputs of the run
 PLOTS = (curve_file("pretrain_qformer"),)
 HEADS_FILE = "heads/pretrain_heads.safetensors"
 CHECKPOINT_DIR = checkpoint_dir("pretrain_qformer")
@@ -408,7 +409,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
     if train_frame.empty:
         raise BlipDiffError(f"{SUBJECTS_MANIFEST}: no images in the train split (run `dvc repro ingest`)")
 
-    ckpt_root = root / CHECKPOINT_DIR
+    ckpt_root = checkpoint_root(root, "pretrain_qformer")
     accelerator = training.make_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision, "pretrain_qformer",
                                             ckpt_root)
     torch.manual_seed(cfg.seed)
@@ -439,11 +440,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
 
     fingerprint = training.fingerprint(params, "pretrain_qformer", root / SUBJECTS_MANIFEST,
                                        [root / p for p in train_frame["image_path"]], "ingest")
-    start, curve = 0, []
-    if resume:
-        start, curve = training.load_checkpoint(accelerator, ckpt_root, resume, fingerprint, "pretrain_qformer")
-    else:
-        training.start_fresh(accelerator, ckpt_root)
+    start, curve = training.begin(accelerator, ckpt_root, resume, fingerprint, "pretrain_qformer")
 
     fixed_start = fixed_batch_losses(plain, train, cfg)
     r1_start = retrieval(plain, held_out, candidates)["itc_r1"] if held_out and not start else None

@@ -3,7 +3,8 @@ open the stage's MLflow run, do the work, write the metrics JSON that dvc.yaml d
 log what it took.
 
 Every stage module in this package has the same face: `SECTIONS` (the params it reads),
-`OUTPUTS` (what it writes, as in dvc.yaml), `PLOTS` where it has curves, `run(params, root,
+`OUTPUTS` (what it writes, as in dvc.yaml), `PLOTS` where it has curves, `DATASETS` (the
+manifests logged as MLflow datasets), `run(params, root,
 **options)` returning its metrics and sample images, and optionally `after_run(params, root)`,
 called inside its MLflow run (train_subject registers its model there). Stages are found by name, so this module
 imports none of them and no stage imports another.
@@ -38,6 +39,17 @@ def stage_module(stage: str) -> ModuleType:
     return importlib.import_module(f"components.stages.{stage}")
 
 
+def log_datasets(module: ModuleType, root: Path) -> None:
+    """The manifests a stage declares in `DATASETS` ((path, context) pairs: what it trained
+    on, read or wrote) as MLflow dataset inputs of its run."""
+    import pandas as pd
+
+    for rel, context in getattr(module, "DATASETS", ()):
+        path = root / rel
+        if path.is_file():
+            tracking.log_dataset(pd.read_parquet(path), Path(rel).stem, path, context)
+
+
 def run_stage(stage: str, params_path: Path, overrides: list[str], root: Path, **options) -> dict:
     params = load_params(params_path, overrides)
     module = stage_module(stage)
@@ -57,6 +69,7 @@ def run_stage(stage: str, params_path: Path, overrides: list[str], root: Path, *
         write_json(stable, root / metrics_file(stage))
         tracking.log_metrics(metrics)
         tracking.log_images(samples)
+        log_datasets(module, root)
         if hasattr(module, "after_run"):
             try:
                 module.after_run(params, root)

@@ -39,7 +39,7 @@ from components.core import tracking
 from components.core.config import Params, TrainSubjectConfig
 from components.core.errors import BlipDiffError
 from components.core.io import folder_hash
-from components.core.paths import BLIP_DIFFUSION_DIR, PAIRS_MANIFEST, checkpoint_dir, curve_file
+from components.core.paths import BLIP_DIFFUSION_DIR, PAIRS_MANIFEST, checkpoint_dir, checkpoint_root, curve_file
 from components.data.images import read_listed_rgb
 from components.data.manifests import PAIRS_SCHEMA, read_manifest
 from components.model import layout
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 SECTIONS = ("preset", "train_subject")  # the params this stage reads (dvc.yaml `params`)
 OUTPUTS = (BLIP_DIFFUSION_DIR,)
+DATASETS = ((PAIRS_MANIFEST, "training"),)  # MLflow dataset inputs of the run
 PLOTS = (curve_file("train_subject"),)
 CHECKPOINT_DIR = checkpoint_dir("train_subject")
 
@@ -278,7 +279,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
     if train_frame.empty:
         raise BlipDiffError(f"{PAIRS_MANIFEST}: no pairs in the train split")
 
-    ckpt_root = root / CHECKPOINT_DIR
+    ckpt_root = checkpoint_root(root, "train_subject")
     accelerator = training.make_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision, "train_subject",
                                             ckpt_root)
     torch.manual_seed(cfg.seed)
@@ -325,11 +326,7 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
     files = sorted(set(train_frame["input_path"]) | set(train_frame["target_path"]))
     fingerprint = training.fingerprint(params, "train_subject", root / PAIRS_MANIFEST, [root / f for f in files],
                                        "context")
-    start, curve = 0, []
-    if resume:
-        start, curve = training.load_checkpoint(accelerator, ckpt_root, resume, fingerprint, "train_subject", ema)
-    else:
-        training.start_fresh(accelerator, ckpt_root)
+    start, curve = training.begin(accelerator, ckpt_root, resume, fingerprint, "train_subject", ema)
 
     plain = accelerator.unwrap_model(stage2)
     fixed_start = fixed_batch_loss(plain, train, cfg, noise_scheduler)

@@ -22,6 +22,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -38,6 +39,9 @@ from components.training.data import step_generator  # noqa: F401  (the stages' 
 log = logging.getLogger(__name__)
 
 STOP_AFTER_ENV = "BLIPDIFF_STOP_AFTER_STEP"  # tests: end the run after this step, as a kill would
+# tests: "STAGE:STEP": after that step's checkpoint the process kills itself (SIGKILL), as the
+# OOM killer or a preempted machine would: no error handling runs. A resumed run starts after it.
+KILL_AFTER_ENV = "BLIPDIFF_KILL_AFTER_STEP"
 
 
 KEEP_CHECKPOINTS = 2
@@ -167,6 +171,32 @@ def save_checkpoint(accelerator, step: int, fingerprint: dict, ema=None, curve: 
     return target
 
 
+def begin(accelerator, ckpt_root: Path, resume: str | None, fingerprint: dict, stage: str,
+          ema=None) -> tuple[int, list[dict]]:
+    """Where a run starts: (step, curve so far). No `resume`: fresh, from an empty checkpoint
+    folder. "latest" or a folder: that checkpoint, refused when its params or data differ.
+    "auto" (a flow retrying the stage): the newest checkpoint made with these params and
+    data if there is one, else fresh."""
+    if resume == "auto":
+        matching = [p for p in checkpoints(ckpt_root) if _matches(p, fingerprint)]
+        if matching:
+            return load_checkpoint(accelerator, ckpt_root, str(matching[-1]), fingerprint, stage, ema)
+        log.info("no checkpoint of this run's params and data in %s: starting fresh", ckpt_root)
+        resume = None
+    if not resume:
+        start_fresh(accelerator, ckpt_root)
+        return 0, []
+    return load_checkpoint(accelerator, ckpt_root, resume, fingerprint, stage, ema)
+
+
+def _matches(path: Path, fingerprint: dict) -> bool:
+    try:
+        state = json.loads((path / "training_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all(state.get(key) == fingerprint[key] for key in ("config_hash", "data_hash"))
+
+
 def load_checkpoint(accelerator, ckpt_root: Path, resume: str, fingerprint: dict, stage: str,
                     ema=None) -> tuple[int, list[dict]]:
     """Restore `resume` ("latest" or a folder); refuse one made with other params or other
@@ -261,6 +291,10 @@ def train_loop(accelerator, module, optimizer, lr_schedule, trainable: list, cfg
             after_step(done)
         if done % cfg.checkpoint_every == 0 or done == stop_after:
             save_checkpoint(accelerator, done, fingerprint, ema, curve)
+        if f"{stage}:{done}" == os.environ.get(KILL_AFTER_ENV):
+            save_checkpoint(accelerator, done, fingerprint, ema, curve)
+            log.warning("step %d: killing this process (%s)", done, KILL_AFTER_ENV)
+            os.kill(os.getpid(), signal.SIGKILL)
         if done == stop_after:
             raise BlipDiffError(f"stopped after step {done} ({STOP_AFTER_ENV}); resume with --resume latest")
     return history, time.perf_counter() - t0
