@@ -5,14 +5,23 @@ foreground estimation and blending; our matting wrapper against a bare
 pymatting.estimate_alpha_cf on the same image and trimap; and the time saved and alpha
 error added by matting at reduced resolution.
 
+With --dask: the whole stage (`context.run`, CLIPSeg trimaps) on the same synthetic inputs,
+in-process and on a Dask LocalCluster of 1 and 2 workers (`dask.workers`); its images/s
+(the stage's `samples_per_s`: the per-image work, CLIPSeg built on each worker included),
+the wall time with the cluster's start, and whether the outputs are the in-process bytes.
+
     python benchmarks/context_bench.py [--images 8] [--band 3]
+    python benchmarks/context_bench.py --dask [--images 32] [--size 256] [--workers 1 2] [--repeat 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from pymatting import estimate_alpha_cf
@@ -75,11 +84,62 @@ def reduced_resolution(size: int, max_side: int, band: int, n: int) -> dict:
                 full_mse=float(np.mean(full_mse)), reduced_mse=float(np.mean(red_mse)))
 
 
+def _outputs_hash(root: Path) -> str:
+    from components.core import paths
+
+    digest = hashlib.sha256()
+    for path in sorted((root / paths.CONTEXT_DIR).rglob("*")) + [root / paths.PAIRS_MANIFEST]:
+        if path.is_file():
+            digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def bench_dask(images: int, size: int, workers: list[int], repeat: int) -> None:
+    """The stage itself, in-process and on LocalClusters, on the same ingested inputs."""
+    from components.core.config import Params
+    from components.stages import context, ingest
+
+    views = max(1, images // 8)
+    params = Params(ingest={"synthetic": {"num_subjects": 8, "min_views": views, "max_views": views,
+                                          "image_size": size}},
+                    context={"mask_source": "clipseg", "erode": 0})
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        ingest.ingest_subjects(params.ingest, root)
+        context.run(params, root)  # warm-up: numba's compiled kernels (cached on disk for the workers), torch
+        reference = _outputs_hash(root)
+        print(f"context stage, {8 * views} synthetic images at {size} px, CLIPSeg trimaps (tiny), "
+              f"batch {params.context.clipseg_batch_size}, median of {repeat}:")
+        print(f"{'executor':>22} {'img/s':>7} {'wall s':>7} {'start s':>8} {'CLIPSeg builds':>15} {'same bytes':>11}")
+        for n in [0, *workers]:
+            run_params = params.model_copy(update={"dask": params.dask.model_copy(update={"workers": n})})
+            rates, walls, starts, loads, same = [], [], [], [], True
+            for _ in range(repeat):
+                start = time.perf_counter()
+                metrics, _ = context.run(run_params, root)
+                walls.append(time.perf_counter() - start)
+                rates.append(metrics["samples_per_s"])
+                starts.append(metrics["seconds_executor_start"])
+                loads.append(metrics["run_clipseg_loads"])
+                same &= _outputs_hash(root) == reference
+            name = "in-process" if n == 0 else f"LocalCluster {n} worker" + ("s" if n > 1 else "")
+            print(f"{name:>22} {statistics.median(rates):7.2f} {statistics.median(walls):7.1f} "
+                  f"{statistics.median(starts):8.1f} {max(loads):>15} {'yes' if same else 'NO':>11}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--images", type=int, default=None, help="default: 8 (parts), 32 (--dask)")
     parser.add_argument("--band", type=int, default=3, help="unknown band half-width, px")
+    parser.add_argument("--dask", action="store_true", help="the stage in-process and on Dask LocalClusters")
+    parser.add_argument("--size", type=int, default=256, help="--dask: image size, px")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="--dask: LocalCluster sizes")
+    parser.add_argument("--repeat", type=int, default=1, help="--dask: runs per executor (median)")
     args = parser.parse_args()
+    if args.dask:
+        bench_dask(args.images or 32, args.size, args.workers, args.repeat)
+        return
+    args.images = args.images or 8
 
     segmenter = ClipSeg("tiny", None, seed=0, device="cpu")
     # Warm up numba's compiled kernels (pymatting) and torch once.

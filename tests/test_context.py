@@ -225,3 +225,89 @@ def test_auto_normalizes_the_tiny_random_clipseg_only(ingested, monkeypatch):
     monkeypatch.setattr(components.context.clipseg, "ClipSeg", _FakeSeg)  # random_weights False
     context.run(_params(mask_source="clipseg"), ingested)
     assert set(seen) == {False}
+
+
+# --------------------------------------------------------------------------- Dask
+def _outputs(root) -> dict[str, bytes]:
+    files = sorted(p for p in (root / paths.CONTEXT_DIR).rglob("*") if p.is_file())
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in files + [root / paths.PAIRS_MANIFEST]}
+
+
+def _stable(metrics: dict) -> dict:
+    from components.stages.runner import MACHINE_DEPENDENT
+
+    return {k: v for k, v in metrics.items() if not k.startswith(MACHINE_DEPENDENT)}
+
+
+def _with_dask(params: Params, **dask) -> Params:
+    return params.model_copy(update={"dask": params.dask.model_copy(update=dask)})
+
+
+def _processes_left() -> list:
+    """Child processes of this one, less multiprocessing's resource tracker (it lives as long
+    as the interpreter): a LocalCluster's nannies and workers would be here."""
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True)
+            if "resource_tracker" not in " ".join(p.cmdline())]
+
+
+@pytest.fixture
+def no_dask_env(monkeypatch):
+    from components.context.distributed import ADDRESS_ENV
+
+    monkeypatch.delenv(ADDRESS_ENV, raising=False)
+    return ADDRESS_ENV
+
+
+def test_dask_workers_give_the_same_bytes_as_in_process(ingested, no_dask_env):
+    """Shards on a LocalCluster of 2 worker processes: every output file, the manifest, the
+    samples and the non-timing metrics are the in-process run's; each worker builds CLIPSeg
+    once (3 shards, 2 workers); `dask` is no DVC param of the stage."""
+    assert "dask" not in context.SECTIONS
+    # 3 shards of 4 (the tiny CLIPSeg's batches), ground truth for SAD/MSE
+    params = _params(mask_source="clipseg", erode=0, clipseg_batch_size=4)
+    serial, serial_samples = context.run(params, ingested)
+    expected = _outputs(ingested)
+    assert serial["run_dask_workers"] == 0 and serial["run_clipseg_loads"] == 1
+
+    metrics, samples = context.run(_with_dask(params, workers=2), ingested)
+    assert _outputs(ingested) == expected
+    assert _stable(metrics) == _stable(serial) and "alpha_sad_mean" in metrics
+    assert samples.keys() == serial_samples.keys()
+    assert all(np.array_equal(samples[k], serial_samples[k]) for k in samples)
+    assert metrics["run_dask_workers"] == 2 and 1 <= metrics["run_clipseg_loads"] <= 2
+    assert metrics["samples_per_s"] > 0
+    assert not _processes_left(), "the stage's LocalCluster was left running"
+
+
+def test_a_worker_error_is_the_serial_error_and_the_cluster_is_closed(ingested, no_dask_env):
+    """A BlipDiffError raised on a worker (a CLIPSeg folder that does not exist) reaches the
+    stage as it is; the previous outputs stay; no worker process is left behind."""
+    context.run(_params(), ingested)
+    before = _outputs(ingested)
+    params = _with_dask(_params(mask_source="clipseg", clipseg_model=str(ingested / "no-such-clipseg")), workers=1)
+    with pytest.raises(BlipDiffError, match="CLIPSeg .*no-such-clipseg.* could not be loaded"):
+        context.run(params, ingested)
+    assert _outputs(ingested) == before
+    assert not [p for p in (ingested / "data").iterdir() if p.name.startswith(".")]
+    assert not _processes_left()
+
+
+def test_a_bad_dask_address_fails_fast_naming_it(ingested, no_dask_env, monkeypatch):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a free port: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    params = _with_dask(_params(), address=address, connect_timeout_s=1)
+    start = time.perf_counter()
+    with pytest.raises(BlipDiffError, match=f"dask.address {address}: no Dask scheduler answered within 1 s"):
+        context.run(params, ingested)
+    assert time.perf_counter() - start < 15
+    # the environment variable overrides params.yaml
+    monkeypatch.setenv(no_dask_env, address)
+    with pytest.raises(BlipDiffError, match=f"dask.address {address}"):
+        context.run(_with_dask(_params(), connect_timeout_s=1), ingested)
+    assert not (ingested / paths.PAIRS_MANIFEST).exists()

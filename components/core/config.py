@@ -209,7 +209,7 @@ class EvaluateConfig(_Section):
     """DreamBench evaluation (DreamBooth protocol): generate, then score with DINO and CLIP."""
 
     seed: int = 0  # base of the per-image seeds (a hash of subject, prompt and image index)
-    model: str = "models/blip_diffusion"  # the trained folder (train_subject), or a hub id
+    model: str = "models/blip_diffusion"  # the trained folder (train_subject), models:/NAME@ALIAS, or a hub id
     # Subset: `all` or a count (object and live subjects alternating) or a list of names.
     subjects: int | Literal["all"] | list[str] = 2
     prompts_per_subject: int | Literal["all"] = 2  # the first N of the subject's list (25 in all)
@@ -293,6 +293,18 @@ PRESET_TRAINING: dict[str, dict[str, dict[str, Any]]] = {
 AUTO = "auto"
 
 
+# ----------------------------------------------------------------------------- dask
+class DaskConfig(_Section):
+    """Where the context stage runs its per-image work (components/context/distributed.py).
+    Not a stage's params in dvc.yaml: where it runs never changes the outputs."""
+
+    workers: int = Field(0, ge=0, le=256)  # 0: in the stage's process; N: a LocalCluster of N processes
+    threads_per_worker: int = Field(1, ge=1, le=64)
+    # An existing scheduler (e.g. tcp://10.0.0.5:8786); overrides workers. BLIPDIFF_DASK_ADDRESS overrides it.
+    address: str | None = None
+    connect_timeout_s: float = Field(30.0, gt=0.0)  # for the scheduler, and for its first worker
+
+
 # --------------------------------------------------------------------------- params
 class Params(_Section):
     # Model preset shared by every stage; only the default (tiny) runs offline.
@@ -303,6 +315,7 @@ class Params(_Section):
     train_subject: TrainSubjectConfig = TrainSubjectConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+    dask: DaskConfig = DaskConfig()  # where `context` runs; not in dvc.yaml
 
     @model_validator(mode="before")
     @classmethod
