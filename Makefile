@@ -1,10 +1,12 @@
 # make repro : set up .venv (first time or when the lock changes) and run the pipeline
 # make test  : set up .venv and run the test suite
+# make serve : Prefect server + deployments + a worker + MLflow server on 127.0.0.1 (Ctrl-C stops)
+# make system-deps : Debian packages for the browser and PostgreSQL tests (root; they skip without)
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup repro test bench clean-venv
+.PHONY: setup repro test serve system-deps screenshots bench clean-venv
 .DEFAULT_GOAL := repro
 
 $(BIN)/blipdiff: pyproject.toml constraints.txt
@@ -27,6 +29,23 @@ repro: setup
 
 test: setup
 	. $(BIN)/activate && pytest
+
+serve: setup
+	. $(BIN)/activate && python -m flows.servers up
+
+# headless Chromium (the MLflow UI test, screenshots) and PostgreSQL (the MLflow server's
+# multi-user backend test); the tests that need them skip when they are missing
+system-deps:
+	@if command -v chromium >/dev/null && { command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }; then \
+		echo "chromium and postgresql are installed"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium postgresql; \
+	else \
+		echo "install chromium and postgresql (Debian: sudo apt-get install chromium postgresql); without them their tests skip"; \
+	fi
+
+screenshots: setup
+	. $(BIN)/activate && python scripts/mlflow_screenshot.py
 
 bench: setup
 	. $(BIN)/activate && python benchmarks/context_bench.py && python benchmarks/generate_bench.py && python benchmarks/train_bench.py && python benchmarks/stream_bench.py && python benchmarks/eval_bench.py && python benchmarks/export_bench.py

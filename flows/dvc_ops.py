@@ -4,8 +4,10 @@
 - `run_experiment(root, targets, overrides, name)`: `Repo.experiments.run(params=..., name=...,
   tmp_dir=True)`, i.e. `dvc exp run --temp -S key=value -n NAME`. The experiment runs in a
   temporary copy, so the working tree (and its params.yaml) is never left modified by a flow
-  run; `dvc exp show` lists it. What ran is read from the experiment commit's `dvc.lock`:
-  the stages whose lock entry differs from the baseline's.
+  run; `dvc exp show` lists it. What DVC reproduced is read from the experiment commit's
+  `dvc.lock`: the stages whose lock entry differs from the working tree's.
+- Either way, `executed` lists the stages whose command ran (their report says done); a stage
+  DVC reproduced without it was restored from DVC's run cache.
 
 Each stage run writes a report file (components.core.errors.StageReport) into a folder this
 module chooses; a failure is described from those reports (which stage, its error type and
@@ -97,12 +99,24 @@ def _failure(exc: BaseException, reports: Path) -> dict[str, Any]:
     return {"kind": DVC_ERROR, "transient": False, "message": " <- ".join(str(e) for e in chain)}
 
 
+def executed(reports: Path, order: list[str]) -> list[str]:
+    """The stages whose command ran to the end in this DVC call (their report says done), in
+    pipeline order. DVC also "reproduces" a stage by restoring its outputs from the run cache,
+    without running its command: such a stage has no report."""
+    done = {report["stage"] for report in (json.loads(p.read_text()) for p in reports.glob("*.json"))
+            if report.get("status") == "done"}
+    return [stage for stage in order if stage in done]
+
+
 def _with_reports(fn):
     def wrapped(root, *args, **kwargs) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="blipdiff-reports-") as reports:
             os.environ[STAGE_REPORTS_ENV] = reports
             try:
-                return {"ok": True, **fn(Path(root), *args, **kwargs)}
+                result = fn(Path(root), *args, **kwargs)
+                if "ok" in result:  # refused before DVC started
+                    return result
+                return {"ok": True, **result, "executed": executed(Path(reports), stages(root))}
             except Exception as exc:
                 return {"ok": False, "error": _failure(exc, Path(reports))}
             finally:
@@ -131,9 +145,12 @@ def run_experiment(root: Path, targets: list[str] | None, overrides: dict[str, A
         check_overrides(root, overrides)
     except Exception as exc:
         return {"ok": False, "error": {"kind": PARAMS, "transient": False, "message": str(exc)}}
+    # The experiment starts from the working tree (DVC copies its uncommitted changes, dvc.lock
+    # included): a stage ran when its lock entry differs from the working tree's, not HEAD's.
+    lock = root / "dvc.lock"
+    before = _lock_entries(lock.read_text() if lock.is_file() else None)
     with Repo(str(root)) as repo:
         baseline = repo.scm.get_rev()
-        before = _lock_entries(_read_rev(repo, baseline, "dvc.lock"))
         results = repo.experiments.run(targets=targets or None, params=override_args(overrides), name=name,
                                        tmp_dir=True)
         if not results:

@@ -271,7 +271,8 @@ def pipeline(stages: list[str] | None = None, overrides: dict[str, Any] | None =
             # the stages this run covered, in pipeline order: what ran, and what DVC found up to date
             covered = targets or all_stages
             order = [s for s in all_stages if s in covered or s in result["ran"]]
-            outcome = {s: ("ran" if s in result["ran"] else "up to date") for s in order}
+            outcome = {s: ("ran" if s in result["executed"] else
+                           "restored from the run cache" if s in result["ran"] else "up to date") for s in order}
             metrics = dvc_ops.metrics(rootp, order, rev=result["rev"] if mode == "exp" else None)
         status = "FINISHED"
     finally:
