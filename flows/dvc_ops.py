@@ -125,20 +125,21 @@ def _with_reports(fn):
 
 
 @_with_reports
-def reproduce(root: Path, targets: list[str] | None = None) -> dict[str, Any]:
-    """`dvc repro [targets]`: {"ran": [stage, ...] in order, "rev": HEAD}."""
+def reproduce(root: Path, targets: list[str] | None = None, single_item: bool = False) -> dict[str, Any]:
+    """`dvc repro [-s] [targets]`: {"ran": [stage, ...] in order, "rev": HEAD}. `single_item`:
+    the targets alone, not the stages they depend on (`-s`)."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        ran = repo.reproduce(targets=targets or None)
+        ran = repo.reproduce(targets=targets or None, single_item=single_item)
         rev = repo.scm.get_rev()
     return {"mode": "repro", "ran": [stage.name for stage in ran], "rev": rev, "experiment": None}
 
 
 @_with_reports
 def run_experiment(root: Path, targets: list[str] | None, overrides: dict[str, Any],
-                   name: str) -> dict[str, Any]:
-    """`dvc exp run --temp -S ... -n NAME [targets]`: {"ran", "experiment", "rev", "baseline"}."""
+                   name: str, single_item: bool = False) -> dict[str, Any]:
+    """`dvc exp run --temp [-s] -S ... -n NAME [targets]`: {"ran", "experiment", "rev", "baseline"}."""
     from dvc.repo import Repo
 
     try:
@@ -152,7 +153,7 @@ def run_experiment(root: Path, targets: list[str] | None, overrides: dict[str, A
     with Repo(str(root)) as repo:
         baseline = repo.scm.get_rev()
         results = repo.experiments.run(targets=targets or None, params=override_args(overrides), name=name,
-                                       tmp_dir=True)
+                                       tmp_dir=True, single_item=single_item)
         if not results:
             raise RuntimeError(f"dvc exp run produced no experiment for {name}")
         rev = next(iter(results))
@@ -206,11 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path.cwd())
     parser.add_argument("--overrides", default="{}", help="JSON object of param overrides (exp)")
     parser.add_argument("--name", help="experiment name (exp)")
+    parser.add_argument("--single-item", action="store_true", help="the targets alone, not their upstream stages")
     args = parser.parse_args(argv)
     if args.mode == "repro":
-        result = reproduce(args.root, args.targets)
+        result = reproduce(args.root, args.targets, args.single_item)
     else:
-        result = run_experiment(args.root, args.targets, json.loads(args.overrides), args.name)
+        result = run_experiment(args.root, args.targets, json.loads(args.overrides), args.name, args.single_item)
     args.result.write_text(json.dumps(result, indent=2) + "\n")
     print(f"dvc_ops: {'ok' if result['ok'] else 'failed'}: {json.dumps(result)}", flush=True)
     return 0 if result["ok"] else 1

@@ -6,8 +6,9 @@ run under the flow's run.
   ({"train_subject.steps": 300}), a DVC experiment named after the flow run
   (`dvc exp run --temp -S ... -n <flow run name>`), so `dvc exp show` lists every flow run
   that changed a param, with its params and metrics, and the working tree stays as committed.
-- `evaluate_champion(model, overrides)`: only the `evaluate` stage, against a registered
-  model (default `models:/blip-diffusion@champion`), e.g. on a schedule.
+- `evaluate_champion(model, overrides)`: the `evaluate` stage alone (`dvc exp run -s`, no
+  upstream stage is reproduced), against a registered model (default
+  `models:/blip-diffusion@champion`), e.g. on a schedule.
 
 DVC runs through its Python API in a child process (flows.dvc_ops: the stages' output streams
 into the flow log, and a stage that is killed cannot take the flow run down with it); what ran
@@ -107,7 +108,7 @@ def ensure_repo_limit(name: str) -> None:
 @task(retries=RETRIES, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=_retry_transient,
       task_run_name="{label}")
 def dvc_task(label: str, mode: str, targets: list[str], overrides: dict[str, Any], name: str | None,
-             root: str, env_extra: dict[str, str]) -> dict[str, Any]:
+             root: str, env_extra: dict[str, str], single_item: bool = False) -> dict[str, Any]:
     """One DVC operation (flows.dvc_ops in a child process), its output streamed to this log."""
     from prefect.runtime import task_run
 
@@ -123,6 +124,8 @@ def dvc_task(label: str, mode: str, targets: list[str], overrides: dict[str, Any
         cmd = [sys.executable, "-m", "flows.dvc_ops", str(result_file), mode, *targets, "--root", root]
         if mode == "exp":
             cmd += ["--overrides", json.dumps(overrides), "--name", str(name)]
+        if single_item:
+            cmd.append("--single-item")
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1)
         for line in proc.stdout:
@@ -218,6 +221,29 @@ def pipeline(stages: list[str] | None = None, overrides: dict[str, Any] | None =
             DVC experiment named after the flow run (`dvc exp run -S key=value`).
         root: the repository (default: the one this flow's code is in).
     """
+    return run_stages(stages, overrides, root)
+
+
+@flow(name="blip-diffusion-evaluate", log_prints=True)
+def evaluate_champion(model: str = REGISTERED_CHAMPION, overrides: dict[str, Any] | None = None,
+                      root: str = str(REPO)) -> dict[str, Any]:
+    """Evaluate a registered model on DreamBench (stage `evaluate` only), as a DVC experiment.
+
+    Args:
+        model: the model to evaluate: models:/NAME@ALIAS, models:/NAME/VERSION or a folder.
+        overrides: more params.yaml values, e.g. {"evaluate.subjects": "all"}.
+        root: the repository.
+    """
+    # `evaluate` alone (`dvc exp run -s`): the registered model is scored as it is, and a stale
+    # stage before `evaluate` in the working tree is never retrained on the way
+    return run_stages(["evaluate"], {"evaluate.model": model, **(overrides or {})}, root, single_item=True)
+
+
+def run_stages(stages: list[str] | None, overrides: dict[str, Any] | None, root: str,
+               single_item: bool = False) -> dict[str, Any]:
+    """The body of both flows, in the calling flow run (no subflow: the MLflow parent run, the
+    DVC experiment and the artifacts are named after the flow run a user started).
+    `single_item`: the stages alone, not the stages they depend on (`dvc repro -s`)."""
     from prefect.runtime import deployment, flow_run
 
     logger = get_run_logger()
@@ -262,11 +288,11 @@ def pipeline(stages: list[str] | None = None, overrides: dict[str, Any] | None =
                 name = experiment_name(run_name, rootp)
                 if parent_run_id:
                     _set_parent_tag(rootp, parent_run_id, "dvc_experiment", name)
-                label = f"dvc exp run -n {name} " + " ".join(dvc_ops.override_args(overrides))
-                result = dvc_task(label, "exp", targets, overrides, name, root, env_extra)
+                label = f"dvc exp run -n {name}{' -s' * single_item} " + " ".join(dvc_ops.override_args(overrides))
+                result = dvc_task(label, "exp", targets, overrides, name, root, env_extra, single_item)
             else:
-                label = "dvc repro" + "".join(f" {t}" for t in targets)
-                result = dvc_task(label, "repro", targets, {}, None, root, env_extra)
+                label = f"dvc repro{' -s' * single_item}" + "".join(f" {t}" for t in targets)
+                result = dvc_task(label, "repro", targets, {}, None, root, env_extra, single_item)
             finished = time.time()
             # the stages this run covered, in pipeline order: what ran, and what DVC found up to date
             covered = targets or all_stages
@@ -360,19 +386,6 @@ def _evaluation_artifact(root: Path, summary: dict, values: dict, run, base: str
         lines += ["", f"In the working tree: `{root / 'reports/dreambench/report.html'}`"]
     create_markdown_artifact("\n".join(lines), key=_artifact_key(f"evaluation-{run_name}"),
                              description="DreamBench scores of this flow run")
-
-
-@flow(name="blip-diffusion-evaluate", log_prints=True)
-def evaluate_champion(model: str = REGISTERED_CHAMPION, overrides: dict[str, Any] | None = None,
-                      root: str = str(REPO)) -> dict[str, Any]:
-    """Evaluate a registered model on DreamBench (stage `evaluate` only), as a DVC experiment.
-
-    Args:
-        model: the model to evaluate: models:/NAME@ALIAS, models:/NAME/VERSION or a folder.
-        overrides: more params.yaml values, e.g. {"evaluate.subjects": "all"}.
-        root: the repository.
-    """
-    return pipeline(stages=["evaluate"], overrides={"evaluate.model": model, **(overrides or {})}, root=root)
 
 
 if __name__ == "__main__":

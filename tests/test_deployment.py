@@ -1,9 +1,10 @@
 """End to end on loopback, as a user runs it: a Prefect server, the project's deployments
 (`prefect deploy --all` from prefect.yaml), a process-pool worker and an MLflow server, all
-started by the test; two `prefect deployment run`s started together (one with a param
-override, a DVC experiment) both complete without overlapping on the repository; then the DVC
-experiment, the MLflow runs, the registry aliases and the Prefect artifacts are checked, and
-every server is stopped with its child processes."""
+started by the test; two `prefect deployment run`s of the pipeline started together (one
+`dvc repro`, one with a param override, i.e. a DVC experiment) both complete without
+overlapping on the repository, then the evaluate-champion deployment scores the registry's
+champion; then the DVC experiment, the MLflow runs, the registry aliases and decisions and the
+Prefect artifacts are checked, and every server is stopped with its child processes."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def _get(url: str) -> dict:
         return json.loads(answer.read())
 
 
-def _run_deployment(api: str, home, work, *params: str) -> str:
-    args = ["deployment", "run", "blip-diffusion-pipeline/pipeline"]
+def _run_deployment(api: str, home, work, *params: str, deployment: str = "blip-diffusion-pipeline/pipeline") -> str:
+    args = ["deployment", "run", deployment]
     for p in params:
         args += ["-p", p]
     done = servers.prefect(args, api, home=home, cwd=work, timeout=120)
@@ -79,12 +80,16 @@ def test_deployment_runs_end_to_end(checkout, tmp_path):
             started.append(worker)
             # two runs started together on one repository
             exp_run = _run_deployment(pf.url, home, work, 'overrides={"train_subject.steps": 4}')
-            repro_run = _run_deployment(pf.url, home, work, 'stages=["ingest"]')
+            repro_run = _run_deployment(pf.url, home, work)
             runs = _wait(pf.url, [exp_run, repro_run], started)
             for run in runs.values():
                 assert run["state"]["type"] == "COMPLETED", (run["state"], worker.log_tail(80))
             artifacts = _post(f"{pf.url}/artifacts/filter",
                               {"artifacts": {"flow_run_id": {"any_": [exp_run]}}})
+            # the scheduled deployment, run by hand: the registry's champion on DreamBench
+            champion_run = _run_deployment(pf.url, home, work, deployment="blip-diffusion-evaluate/evaluate-champion")
+            (champion_state,) = _wait(pf.url, [champion_run], started).values()
+            assert champion_state["state"]["type"] == "COMPLETED", (champion_state["state"], worker.log_tail(80))
         elapsed = time.monotonic() - start
         print(f"deployment end to end: {elapsed:.0f} s")
 
@@ -102,7 +107,9 @@ def test_deployment_runs_end_to_end(checkout, tmp_path):
         assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
         all_runs = client.search_runs([experiment.experiment_id])
         parents = {r.data.tags["prefect_flow_run_id"]: r for r in all_runs if r.info.run_name == "pipeline"}
-        assert set(parents) == {exp_run, repro_run}
+        assert set(parents) == {exp_run, repro_run, champion_run}
+        champion_parent = parents.pop(champion_run)
+        assert champion_parent.data.params["evaluate.model"] == "models:/blip-diffusion@champion"
         outcomes = {}
         for flow_run_id, run in parents.items():
             folder = tmp_path / run.info.run_id
@@ -133,10 +140,29 @@ def test_deployment_runs_end_to_end(checkout, tmp_path):
         assert a1 <= b0, f"the two runs used the repository at the same time: {spans}"
         assert max(s[2] for s in spans) > 0  # the second one waited for the first
 
-        # registry: the new version is the candidate and, first of its name, the champion
-        version = client.get_model_version_by_alias("blip-diffusion", "candidate")
-        assert client.get_model_version_by_alias("blip-diffusion", "champion").version == version.version
-        assert version.tags["promotion.decision"] == "promoted"
+        # evaluate-champion: `evaluate` alone (nothing upstream retrained), the champion scored again
+        folder = tmp_path / champion_parent.info.run_id
+        mlflow.artifacts.download_artifacts(run_id=champion_parent.info.run_id, artifact_path="outcome.json",
+                                            tracking_uri=ml.url, dst_path=str(folder))
+        assert json.loads((folder / "outcome.json").read_text())["outcome"] == {"evaluate": "ran"}
+        nested = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == champion_parent.info.run_id]
+        assert [r.info.run_name for r in nested] == ["evaluate"]
+
+        # registry: each pipeline run trained and registered a version; the newest is the
+        # candidate; the second was compared with the first under the same protocol
+        versions = {v.version: v for v in client.search_model_versions("name='blip-diffusion'")}
+        assert set(versions) == {"1", "2"}
+        assert client.get_model_version_by_alias("blip-diffusion", "candidate").version == "2"
+        champion = client.get_model_version_by_alias("blip-diffusion", "champion")
+        assert champion.tags["promotion.decision"] == "champion", champion.tags  # re-evaluated, stays
+        assert champion.tags["promotion.reason"] == "re-evaluated the champion"
+        assert nested[0].data.tags["evaluated_model_version"] == f"blip-diffusion/{champion.version}"
+        first, second = versions["1"].tags, versions["2"].tags
+        if champion.version == "2":
+            assert first["promotion.last_challenge"] == "superseded by version 2", first
+        else:
+            assert second["promotion.decision"] == "kept" and second["promotion.compared_with"] == "1", second
+            assert first["promotion.last_challenge"].startswith("defended against version 2"), first
 
         # Prefect artifacts: the metrics table with MLflow links, and the evaluation
         keys = {a["key"] for a in artifacts}
