@@ -18,13 +18,13 @@ def launch_two(target: list[str], cwd: Path, what: str, timeout: int = 300) -> s
     On a machine without GPUs, --multi_gpu starts torch.distributed processes that
     accelerate runs as MULTI_CPU (gloo); --cpu alone would start a single process.
     """
-    from tests.test_flow import _free_port
+    from flows.servers import free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Own session, so that a hang kills every rank, not only the launcher.
     proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
                              "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
-                             "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *target],
+                             "--dynamo_backend", "no", "--main_process_port", str(free_port()), *target],
                             cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:

@@ -8,6 +8,7 @@ import mlflow
 
 from components.cli import main
 from components.core import paths, tracking
+from flows.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,19 +87,12 @@ def _repo(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_unreachable_tracking_server_does_not_stop_a_stage(tmp_path, monkeypatch, caplog):
     import time
 
     root = _repo(tmp_path, monkeypatch)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")  # nothing listens
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.setattr(tracking, "RETRY_WAIT_S", 0.05)
     start = time.perf_counter()
