@@ -512,8 +512,7 @@ def up(mlflow_port: int = 5000, prefect_port: int = 4200, backend_store_uri: str
         services.append(mlflow)
         server = launch_prefect_server(prefect_port, prefect_home, log_dir=log_dir)
         services.append(server)
-        if ensure_work_pool(server.url, pool, home=prefect_home):
-            print(f"created the process work pool {pool!r}", flush=True)
+        # deploy() creates the pools prefect.yaml names, launch_prefect_worker() the worker's
         if deploy(server.url, REPO, home=prefect_home, log_dir=log_dir):
             print(f"deployed prefect.yaml's deployments (log {log_dir / 'prefect-deploy.log'})", flush=True)
         else:
