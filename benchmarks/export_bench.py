@@ -40,7 +40,10 @@ import torch
 
 from components.core.config import NEGATIVE_PROMPT, ExportConfig
 from components.core.io import write_json
-from components.export import onnx_graphs as og
+from components.export import files as export_files
+from components.export import onnx_export, parity
+from components.export.fp16 import convert_fp16
+from components.export.graphs import Dims, sample_inputs
 from components.model import layout
 from components.model.full_size import build_full_size, full_size_configs
 from components.model.tiny.blip_diffusion import build_tiny
@@ -111,10 +114,10 @@ def export_tiny(model, model_dir: Path, export_dir: Path) -> None:
     cfg = ExportConfig(model=str(model_dir))
     source, model_hash, _ = stage.model_source(cfg, "tiny", model_dir.parent)
     start = time.perf_counter()
-    graphs = og.export_all(model, export_dir, cfg.opset, cfg.batch, cfg.fp16, "cpu", cfg.parity_seed)
+    graphs = onnx_export.export_all(model, export_dir, cfg.opset, cfg.batch, cfg.fp16, "cpu", cfg.parity_seed)
     t_export = time.perf_counter() - start
-    report = og.check_parity(model, export_dir, graphs, batch=cfg.batch + 1, seed=cfg.parity_seed)
-    og.gate(report)
+    report = parity.check_parity(model, export_dir, graphs, batch=cfg.batch + 1, seed=cfg.parity_seed)
+    parity.gate(report)
     files = stage.write_serving_files(model, export_dir)
     write_json(stage.manifest(model, cfg, source, model_hash, graphs, files), export_dir / stage.MANIFEST.name)
     print(f"tiny export (4 graphs, opset {cfg.opset}, batch {cfg.batch}, fp16 twins {cfg.fp16}): {t_export:.1f} s; "
@@ -125,14 +128,14 @@ def bench_tiny(args) -> None:
     from serving.generator import Generator
 
     model = build_tiny(0)
-    dims = og.Dims.of(model)
+    dims = Dims.of(model)
     print(f"\n== tiny preset, {model.native_size} px (latents {dims.latent_size}x{dims.latent_size}) ==")
     with tempfile.TemporaryDirectory(prefix="blipdiff-export-bench-") as tmp:
         model_dir, export_dir = Path(tmp) / "model", Path(tmp) / "onnx"
         layout.save(model, model_dir)
         export_tiny(model, model_dir, export_dir)
 
-        inputs = og.sample_inputs("unet", model, dims, 2, torch.Generator().manual_seed(0))
+        inputs = sample_inputs("unet", model, dims, 2, torch.Generator().manual_seed(0))
         step_ratio("tiny", ort_session(export_dir / "unet.onnx", args.threads), model.unet.eval(), inputs,
                    args.runs, warmup=5)
 
@@ -167,10 +170,10 @@ def bench_tiny(args) -> None:
 
 
 # ---------------------------------------------------------------------- 2. full size
-def full_size_dims(unet) -> og.Dims:
+def full_size_dims(unet) -> Dims:
     """`Dims.of` without a bundle: the released architecture's sizes (full_size_configs)."""
     cfg = full_size_configs()
-    return og.Dims(
+    return Dims(
         image_size=cfg["qformer"]["vision_config"]["image_size"], num_query=cfg["qformer"]["num_query_tokens"],
         hidden=cfg["text_encoder"]["hidden_size"], text_length=cfg["text_encoder"]["max_position_embeddings"],
         latent_channels=int(unet.config.in_channels), latent_size=int(unet.config.sample_size),
@@ -179,52 +182,49 @@ def full_size_dims(unet) -> og.Dims:
 
 
 def unet_bundle(unet) -> types.SimpleNamespace:
-    """What `export_graph("unet", ...)` reads of a bundle: the UNet, and the sizes
-    `output_shape` looks up for every graph (the released Q-Former's width, the VAE's channels)."""
-    cfg = full_size_configs()
-    ns = types.SimpleNamespace
-    qformer_width = cfg["qformer"]["qformer_config"]["hidden_size"]
-    return ns(unet=unet, qformer=ns(config=ns(qformer_config=ns(hidden_size=qformer_width))),
-              vae=ns(config=ns(out_channels=cfg["vae"]["out_channels"])))
+    """What `export_graph("unet", ...)` reads of a bundle: the UNet (the unet spec's wrapper,
+    sample inputs and output shape read nothing else)."""
+    return types.SimpleNamespace(unet=unet)
 
 
 def available_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def export_full_unet(unet, folder: Path, fp16: bool) -> og.Dims:
+def export_full_unet(unet, folder: Path, fp16: bool) -> Dims:
     """The full-size UNet alone, as the stage exports it (`export_graph`: its wrapper, plain
     attention, opset and batch of ExportConfig, external data past 2 GB); then its fp16 twin
     (`convert_fp16`) when memory allows."""
     cfg = ExportConfig()
     dims = full_size_dims(unet)
     holder = unet_bundle(unet)
-    t = timed(lambda: og.export_graph("unet", holder, dims, folder, cfg.opset, cfg.batch, torch.device("cpu"),
-                                      cfg.parity_seed))
-    print(f"full-size UNet export (opset {cfg.opset}, batch {cfg.batch}, {og.EXPORTER}): {t:.1f} s")
-    for p in og.graph_files(folder, "unet"):
+    t = timed(lambda: onnx_export.export_graph("unet", holder, dims, folder, cfg.opset, cfg.batch,
+                                               torch.device("cpu"), cfg.parity_seed))
+    print(f"full-size UNet export (opset {cfg.opset}, batch {cfg.batch}, {onnx_export.EXPORTER}): {t:.1f} s")
+    for p in export_files.graph_files(folder, "unet"):
         print(f"  {p.name}: {p.stat().st_size / 1e6:.1f} MB")
-    print(f"  fp32 total: {og.graph_bytes(folder, 'unet') / 1e9:.3f} GB")
+    print(f"  fp32 total: {export_files.graph_bytes(folder, 'unet') / 1e9:.3f} GB")
     if not fp16:
         return dims
-    need = 3 * og.graph_bytes(folder, "unet")  # the proto with its weights, the fp16 copy, the serialised bytes
+    # the proto with its weights, the fp16 copy, the serialised bytes
+    need = 3 * export_files.graph_bytes(folder, "unet")
     if available_bytes() < need:
         print(f"fp16 conversion skipped: {available_bytes() / 1e9:.1f} GB available, ~{need / 1e9:.1f} GB needed")
         return dims
     try:
-        t = timed(lambda: og.convert_fp16("unet", folder))
+        t = timed(lambda: convert_fp16("unet", folder))
     except MemoryError:
         print("fp16 conversion: out of memory")
         return dims
     print(f"full-size UNet fp16 conversion (stage's convert_fp16): {t:.1f} s")
-    for p in og.graph_files(folder, "unet", fp16=True):
+    for p in export_files.graph_files(folder, "unet", fp16=True):
         print(f"  {p.name}: {p.stat().st_size / 1e6:.1f} MB")
-    print(f"  fp16 total: {og.graph_bytes(folder, 'unet', fp16=True) / 1e9:.3f} GB")
+    print(f"  fp16 total: {export_files.graph_bytes(folder, 'unet', fp16=True) / 1e9:.3f} GB")
     return dims
 
 
-def bench_full_size(args, unet, dims: og.Dims, folder: Path) -> None:
-    inputs = og.sample_inputs("unet", unet_bundle(unet), dims, 2, torch.Generator().manual_seed(0))
+def bench_full_size(args, unet, dims: Dims, folder: Path) -> None:
+    inputs = sample_inputs("unet", unet_bundle(unet), dims, 2, torch.Generator().manual_seed(0))
     print(f"full-size UNet step at {dims.latent_size * dims.vae_scale_factor} px, batch 2 (one image with guidance):")
     step_ratio("full size", ort_session(folder / "unet.onnx", args.threads), unet, inputs, runs=2, warmup=1)
 

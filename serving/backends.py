@@ -27,13 +27,13 @@ import torch
 from components.core.errors import BlipDiffError
 from components.core.paths import ENGINES_DIR
 from components.export import tensorrt as trtx
-from components.export.onnx_graphs import GRAPHS, SPECS
+from components.export.graphs import GRAPHS, SPECS
 from components.model.blip_diffusion import TorchNetworks
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-OUTPUTS = {graph: spec[1][0] for graph, spec in SPECS.items()}  # each graph's one output
+OUTPUTS = {graph: spec.outputs[0] for graph, spec in SPECS.items()}  # each graph's one output
 EXPORT_FILE = "export.json"
 
 __all__ = ["BACKENDS", "OrtNetworks", "TorchNetworks", "TrtNetworks", "chunks", "output_shape", "read_export",
@@ -156,7 +156,7 @@ class OrtNetworks(_ExportedNetworks):
 
 
 # ------------------------------------------------------------------ TensorRT
-ENGINE_RE = re.compile(r"^(?P<graph>subject_encoder|text_encoder|unet|vae_decoder)\.trt(?P<version>\d+(?:\.\d+)*)"
+ENGINE_RE = re.compile(rf"^(?P<graph>{'|'.join(map(re.escape, GRAPHS))})\.trt(?P<version>\d+(?:\.\d+)*)"
                        r"\.(?P<sm>sm\d+)\.(?P<profile>[A-Za-z0-9_-]+)\.plan$")
 
 

@@ -6,6 +6,7 @@ end (offline, tiny preset)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import shutil
@@ -21,11 +22,14 @@ import yaml
 
 from components.core.config import Params, parse_params
 from components.core.errors import BlipDiffError, ConfigError
-from components.export import onnx_graphs as og
+from components.export import files as export_files
+from components.export import onnx_export, parity
 from components.export import tensorrt as export_trt
+from components.export.graphs import GRAPHS, SPECS, Dims, sample_inputs, text_encoder_inputs
 from components.model import layout
 from components.model.tiny.blip_diffusion import build_tiny
 from components.stages import export, runner
+from tests.helpers.text_reference import encode_negative, encode_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 INPUTS = {"subject_encoder": ["pixel_values", "input_ids", "attention_mask"],
@@ -43,7 +47,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
-    graphs = og.export_all(tiny, folder, opset=18, batch=2, fp16=True)
+    graphs = onnx_export.export_all(tiny, folder, opset=18, batch=2, fp16=True)
     return tiny, folder, graphs
 
 
@@ -66,17 +70,22 @@ def _dims(proto, name: str) -> list:
 
 
 def _max_diff(model, folder: Path, name: str, batch: int, hw=None, fp16: bool = False) -> float:
-    inputs = og.sample_inputs(name, model, og.Dims.of(model), batch, torch.Generator().manual_seed(batch), hw)
-    sess = og.session(folder / f"{name}{'.fp16' if fp16 else ''}.onnx")
+    inputs = sample_inputs(name, model, Dims.of(model), batch, torch.Generator().manual_seed(batch), hw)
+    sess = parity.session(folder / f"{name}{'.fp16' if fp16 else ''}.onnx")
     assert sess.get_providers() == ["CPUExecutionProvider"]
-    return og.compare(name, sess, inputs, og.reference(name, model, inputs))["max_abs_diff"]
+    return parity.compare(name, sess, inputs, parity.reference(name, model, inputs))["max_abs_diff"]
+
+
+def _tolerance(monkeypatch, name: str, value: float) -> None:
+    """The parity gate's tolerance of one graph, for this test."""
+    monkeypatch.setitem(SPECS, name, dataclasses.replace(SPECS[name], tolerance=value))
 
 
 # ------------------------------------------------------------------------- graphs
 def test_export_writes_four_graphs_with_named_inputs_outputs_and_dynamic_axes(exported):
     model, folder, graphs = exported
-    assert list(graphs) == list(og.GRAPHS)
-    dims = og.Dims.of(model)
+    assert list(graphs) == list(GRAPHS)
+    dims = Dims.of(model)
     q, d, s = dims.num_query, dims.hidden, dims.image_size
     expected = {
         "pixel_values": ["batch", 3, s, s], "input_ids@subject_encoder": ["batch", "text_length"],
@@ -87,7 +96,7 @@ def test_export_writes_four_graphs_with_named_inputs_outputs_and_dynamic_axes(ex
         "encoder_hidden_states": ["batch", 77, d], "noise_pred": ["batch", 4, "latent_height", "latent_width"],
         "latents": ["batch", 4, "latent_height", "latent_width"], "images": ["batch", 3, "image_height", "image_width"],
     }
-    for name in og.GRAPHS:
+    for name in GRAPHS:
         for fp16 in (False, True):
             path = folder / f"{name}{'.fp16' if fp16 else ''}.onnx"
             onnx.checker.check_model(str(path))
@@ -119,8 +128,8 @@ def test_export_writes_four_graphs_with_named_inputs_outputs_and_dynamic_axes(ex
 def test_opset_19_and_external_data(tiny, tmp_path, monkeypatch):
     """Opset 19 is recorded; a graph past the 2 GB limit (here: the limit set to 0) keeps its
     weights in one `<name>.onnx.data` file beside it, which ONNX Runtime reads."""
-    monkeypatch.setattr(og, "EXTERNAL_DATA_BYTES", 0)
-    graphs = og.export_all(tiny, tmp_path, opset=19, batch=2, fp16=True, graphs=("text_encoder",))
+    monkeypatch.setattr(export_files, "EXTERNAL_DATA_BYTES", 0)
+    graphs = onnx_export.export_all(tiny, tmp_path, opset=19, batch=2, fp16=True, graphs=("text_encoder",))
     assert graphs["text_encoder"]["opset"] == 19
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "text_encoder.fp16.onnx", "text_encoder.fp16.onnx.data", "text_encoder.onnx", "text_encoder.onnx.data"]
@@ -128,58 +137,59 @@ def test_opset_19_and_external_data(tiny, tmp_path, monkeypatch):
     sizes = {p.name: p.stat().st_size for p in tmp_path.iterdir()}
     assert sizes["text_encoder.onnx"] < 100_000 < sizes["text_encoder.onnx.data"]
     onnx.checker.check_model(str(tmp_path / "text_encoder.onnx"))
-    assert _max_diff(tiny, tmp_path, "text_encoder", 3) <= og.TOLERANCES["text_encoder"]
+    assert _max_diff(tiny, tmp_path, "text_encoder", 3) <= SPECS["text_encoder"].tolerance
     assert _max_diff(tiny, tmp_path, "text_encoder", 3, fp16=True) < 2e-2
     with pytest.raises(BlipDiffError, match="opset 17"):
-        og.export_all(tiny, tmp_path, opset=17, graphs=("text_encoder",))
+        onnx_export.export_all(tiny, tmp_path, opset=17, graphs=("text_encoder",))
     with pytest.raises(BlipDiffError, match="must be >= 2"):
-        og.export_all(tiny, tmp_path, batch=1, graphs=("text_encoder",))
+        onnx_export.export_all(tiny, tmp_path, batch=1, graphs=("text_encoder",))
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_graphs_match_pytorch_at_batch_sizes_other_than_the_exports(exported, batch):
     model, folder, _ = exported
-    for name in og.GRAPHS:
+    for name in GRAPHS:
         diff = _max_diff(model, folder, name, batch)
-        assert diff <= og.TOLERANCES[name], f"{name} at batch {batch}: {diff:.3g}"
+        assert diff <= SPECS[name].tolerance, f"{name} at batch {batch}: {diff:.3g}"
 
 
 def test_unet_and_vae_at_other_latent_sizes_and_subject_encoder_at_another_text_length(exported):
     model, folder, _ = exported
-    native = og.Dims.of(model).latent_size  # exported at 32 x 32 latents
+    native = Dims.of(model).latent_size  # exported at 32 x 32 latents
     for hw in [(16, 24), (native + 8, native)]:
-        assert _max_diff(model, folder, "unet", 2, hw) <= og.TOLERANCES["unet"], hw
-    assert _max_diff(model, folder, "vae_decoder", 1, (16, 24)) <= og.TOLERANCES["vae_decoder"]
+        assert _max_diff(model, folder, "unet", 2, hw) <= SPECS["unet"].tolerance, hw
+    assert _max_diff(model, folder, "vae_decoder", 1, (16, 24)) <= SPECS["vae_decoder"].tolerance
     # one long class text: another text length than the export's
     text = model.qformer_tokenizer(["a very fluffy stuffed animal toy with long ears"], return_tensors="pt")
     assert text.input_ids.shape[1] > 6
     pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     inputs = {"pixel_values": pixels, "input_ids": text.input_ids, "attention_mask": text.attention_mask}
-    result = og.compare("subject_encoder", og.session(folder / "subject_encoder.onnx"), inputs,
-                        og.reference("subject_encoder", model, inputs))
+    result = parity.compare("subject_encoder", parity.session(folder / "subject_encoder.onnx"), inputs,
+                            parity.reference("subject_encoder", model, inputs))
     assert result["max_abs_diff"] <= 1e-4
 
 
 @torch.no_grad()
 def test_text_encoder_graph_holds_both_guidance_branches(exported):
-    """Rows with a subject equal `encode_prompts`, rows without equal `encode_negative`: the
+    """Rows with a subject equal the reference pipeline's conditioning, rows without its negative branch: the
     two branches of classifier-free guidance in one graph, one batch."""
     model, folder, _ = exported
-    dims = og.Dims.of(model)
+    dims = Dims.of(model)
     prompts = [model.build_prompt("in the jungle", "dog", prompt_reps=20),  # truncated to 77 - Q tokens
                model.build_prompt("on a beach", "red backpack")]
     negative = "low quality, blurry, duplicate"
     rows, has = [prompts[0], negative, prompts[1]], [True, False, True]
-    arrays = og.text_encoder_inputs(model.tokenizer, rows, has, dims.text_length, dims.num_query)
+    arrays = text_encoder_inputs(model.tokenizer, rows, has, dims.text_length, dims.num_query)
     assert np.array_equal(arrays["input_ids"][[0, 2], :77 - dims.num_query],
-                          model.prompt_ids(prompts, dims.num_query).numpy())
+                          model.tokenizer(prompts, padding="max_length", truncation=True, max_length=77 - dims.num_query,
+                                          return_tensors="np").input_ids)
     generator = torch.Generator().manual_seed(1)
     embeds = torch.randn(1, dims.num_query, dims.hidden, generator=generator)
     garbage = 100 * torch.randn(1, dims.num_query, dims.hidden, generator=generator)  # ignored without a subject
     feeds = {**arrays, "subject_embeds": torch.cat([embeds, garbage, embeds]).numpy()}
-    out = og.session(folder / "text_encoder.onnx").run(None, feeds)[0]
-    cond = model.encode_prompts(prompts, embeds).numpy()
-    uncond = model.encode_negative(negative, 1).numpy()
+    out = parity.session(folder / "text_encoder.onnx").run(None, feeds)[0]
+    cond = encode_prompts(model, prompts, embeds).numpy()
+    uncond = encode_negative(model, negative, 1).numpy()
     np.testing.assert_allclose(out[[0, 2]], cond, atol=1e-4, rtol=0)
     np.testing.assert_allclose(out[[1]], uncond, atol=1e-4, rtol=0)
     assert np.abs(cond[0] - uncond[0]).max() > 1e-2  # the branches do differ
@@ -188,29 +198,29 @@ def test_text_encoder_graph_holds_both_guidance_branches(exported):
 # --------------------------------------------------------------------------- gate
 def test_parity_gate_names_the_graph_that_differs(exported, monkeypatch):
     model, folder, graphs = exported
-    fp32 = {name: {k: v for k, v in graphs[name].items() if k != "fp16"} for name in og.GRAPHS}
+    fp32 = {name: {k: v for k, v in graphs[name].items() if k != "fp16"} for name in GRAPHS}
     # a weight changed after the export: that graph no longer is the model
     changed = copy.deepcopy(model)
     with torch.no_grad():
         changed.vae.decoder.conv_out.bias += 0.01
     subset = {name: fp32[name] for name in ("text_encoder", "vae_decoder")}
-    report = og.check_parity(changed, folder, subset, batch=3)
+    report = parity.check_parity(changed, folder, subset, batch=3)
     assert report["text_encoder"]["fp32"]["passed"] and not report["vae_decoder"]["fp32"]["passed"]
     row = report["vae_decoder"]["fp32"]
     assert row["provider"] == "CPUExecutionProvider" and row["tolerance"] == 3e-4 and row["opset"] == 18
     with pytest.raises(BlipDiffError, match=r"vae_decoder: max abs diff 0\.01\d* > 0\.0003") as err:
-        og.gate(report)
+        parity.gate(report)
     assert "text_encoder" not in str(err.value)
 
-    og.gate(og.check_parity(model, folder, {"text_encoder": fp32["text_encoder"]}))  # passes as exported
-    monkeypatch.setitem(og.TOLERANCES, "text_encoder", 0.0)
+    parity.gate(parity.check_parity(model, folder, {"text_encoder": fp32["text_encoder"]}))  # passes as exported
+    _tolerance(monkeypatch, "text_encoder", 0.0)
     with pytest.raises(BlipDiffError, match=r"text_encoder: max abs diff .* > 0$"):
-        og.gate(og.check_parity(model, folder, {"text_encoder": fp32["text_encoder"]}))
+        parity.gate(parity.check_parity(model, folder, {"text_encoder": fp32["text_encoder"]}))
 
 
 def test_stage_fails_naming_the_graph_and_writes_nothing(tmp_path, model_folder, monkeypatch):
     root = _root(tmp_path, model_folder)
-    monkeypatch.setitem(og.TOLERANCES, "text_encoder", 0.0)
+    _tolerance(monkeypatch, "text_encoder", 0.0)
     params = Params.model_validate({"export": {"fp16": False}})
     with pytest.raises(BlipDiffError, match="text_encoder: max abs diff"):
         export.run(params, root)
@@ -292,7 +302,7 @@ def test_export_stage_end_to_end(tmp_path, model_folder):
 
     out = root / "models/onnx"
     files = {p.name for p in out.iterdir()}
-    assert files == {*(f"{g}{s}.onnx" for g in og.GRAPHS for s in ("", ".fp16")), "export.json", "tokenizer",
+    assert files == {*(f"{g}{s}.onnx" for g in GRAPHS for s in ("", ".fp16")), "export.json", "tokenizer",
                      "qformer_tokenizer", "scheduler", "image_processor"}
     manifest = json.loads((out / "export.json").read_text())
     assert manifest["model"] == {"source": "models/blip_diffusion", "hash": layout_hash(root)}
@@ -316,9 +326,9 @@ def test_export_stage_end_to_end(tmp_path, model_folder):
 
     parity = json.loads((root / "reports/export/parity.json").read_text())
     assert parity["parity_batch"] == 3 and len(parity["graphs"]["unet"]["fp32"]["cases"]) == 2
-    for name in og.GRAPHS:
+    for name in GRAPHS:
         row = parity["graphs"][name]["fp32"]
-        assert row["passed"] and row["max_abs_diff"] <= og.TOLERANCES[name]
+        assert row["passed"] and row["max_abs_diff"] <= SPECS[name].tolerance
         assert row["provider"] == "CPUExecutionProvider" and row["onnxruntime"] == onnxruntime.__version__
         assert row["size_bytes"] == (out / f"{name}.onnx").stat().st_size
         fp16 = parity["graphs"][name]["fp16"]

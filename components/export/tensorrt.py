@@ -24,10 +24,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path, file_sha256, write_json
+from components.export.graphs import GRAPHS, SPECS
 
 log = logging.getLogger(__name__)
 
-GRAPHS = ("subject_encoder", "text_encoder", "unet", "vae_decoder")
 INSTALL_HINT = "tensorrt is not installed (pip install -e '.[gpu]')"
 TIMING_CACHE = "timing.cache"
 
@@ -48,15 +48,10 @@ class Profile:
     subject_text: Triple = (1, 8, 32)
 
 
-_BATCHES = {
-    "subject_encoder": (1, 1, 4),
-    "text_encoder": (2, 2, 8),  # the prompt and the negative prompt (CFG), up to 4 images
-    "unet": (2, 2, 8),  # the CFG-doubled batch
-    "vae_decoder": (1, 1, 4),
-}
+# each graph's batch (min, opt, max): its spec's `engine_batch`
 PROFILES: dict[str, Profile] = {
-    "static512": Profile("static512", image=(512, 512, 512), batch=dict(_BATCHES)),
-    "dynamic": Profile("dynamic", image=(256, 512, 1024), batch=dict(_BATCHES)),
+    "static512": Profile("static512", image=(512, 512, 512), batch={g: s.engine_batch for g, s in SPECS.items()}),
+    "dynamic": Profile("dynamic", image=(256, 512, 1024), batch={g: s.engine_batch for g, s in SPECS.items()}),
 }
 
 
@@ -113,31 +108,24 @@ def profile_shapes(graph: str, profile: str | Profile = "static512", latent_fact
                    latent_channels: int = 4, latent_multiple: int = 1) -> dict[str, ShapeTriple]:
     """Each input of `graph`: its (min, opt, max) shapes under `profile`."""
     prof = get_profile(profile)
-    if graph not in prof.batch:
+    if graph not in prof.batch or graph not in SPECS:
         raise BlipDiffError(f"unknown graph {graph!r}; the graphs are {', '.join(GRAPHS)}")
     for side in prof.image:
         if side % latent_factor:
             raise BlipDiffError(f"profile {prof.name!r}: image side {side} is not a multiple of the latent "
                                 f"factor {latent_factor}")
-    b = prof.batch[graph]
     lat = tuple(side // latent_factor for side in prof.image)
-    if graph in ("unet", "vae_decoder") and any(side % latent_multiple for side in lat):
+    templates = SPECS[graph].input_shapes  # each input's dims: ints, or the names of the sizes below
+    sizes = {"batch": prof.batch[graph], "subject_text": prof.subject_text, "latent_height": lat, "latent_width": lat,
+             "image_size": subject_image_size, "num_query": num_query, "hidden": hidden, "text_length": text_len,
+             "latent_channels": latent_channels}
+    if any(d in ("latent_height", "latent_width") for t in templates.values() for d in t) and \
+            any(side % latent_multiple for side in lat):
         raise BlipDiffError(f"profile {prof.name!r}: latent sides {lat} are not multiples of the UNet's "
                             f"{latent_multiple}")
-
-    def triple(*dims: int | Triple) -> ShapeTriple:
-        return tuple(tuple(d[i] if isinstance(d, tuple) else d for d in dims) for i in range(3))  # type: ignore[return-value]
-
-    if graph == "subject_encoder":
-        s, t = subject_image_size, prof.subject_text
-        return {"pixel_values": triple(b, 3, s, s), "input_ids": triple(b, t), "attention_mask": triple(b, t)}
-    if graph == "text_encoder":
-        return {"input_ids": triple(b, text_len), "subject_embeds": triple(b, num_query, hidden),
-                "has_subject": triple(b)}
-    if graph == "unet":
-        return {"sample": triple(b, latent_channels, lat, lat), "timestep": triple(b),
-                "encoder_hidden_states": triple(b, text_len, hidden)}
-    return {"latents": triple(b, latent_channels, lat, lat)}
+    named = {name: [sizes[d] if isinstance(d, str) else d for d in t] for name, t in templates.items()}
+    return {name: tuple(tuple(d[i] if isinstance(d, tuple) else d for d in dims) for i in range(3))
+            for name, dims in named.items()}
 
 
 def check_static_dims(graph: str, name: str, network_shape: Sequence[int], shapes: ShapeTriple) -> None:

@@ -1,0 +1,317 @@
+"""The ONNX graphs of a BLIP-Diffusion bundle: one `GraphSpec` per graph, in `SPECS`.
+
+Four graphs, each a small wrapper module exported with `torch.onnx.export(dynamo=False)`,
+named inputs and outputs, the batch dynamic everywhere:
+
+- `subject_encoder`: pixel_values (B,3,S,S), input_ids (B,L), attention_mask (B,L) ->
+  subject_embeds (B,Q,D): the Q-Former with its image encoder and projection, what
+  `BlipDiffusion.subject_embeddings` computes before the mean over reference images. The
+  image preprocessing stays in Python (`ImageProcessorConfig`).
+- `text_encoder`: input_ids (B,77), subject_embeds (B,Q,D), has_subject (B,) -> text_embeds
+  (B,77,D). Both classifier-free-guidance branches in one graph: a row with has_subject
+  is the context text encoder with the subject embeddings spliced in at `ctx_begin_pos`,
+  a row without is the plain text encoder over all 77 ids (as `conditioning.encode_text`).
+  The splice is a gather with one of two constant index rows.
+- `unet`: sample (B,4,h,w), timestep (B,), encoder_hidden_states (B,77,D) -> noise_pred.
+- `vae_decoder`: latents (B,4,h,w), already divided by the scaling factor -> images
+  (B,3,8h,8w) in [-1, 1], what `vae.decode(...).sample` returns.
+
+Adding a graph is adding its spec to `SPECS`: the export (`onnx_export`), the fp16 twins
+(`fp16`), the parity check (`parity`), the TensorRT profiles (`tensorrt`) and serving's
+output names read everything graph-specific from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from components.model.blip_diffusion import BlipDiffusion
+from components.model.conditioning import encode_text, prompt_ids
+
+Inputs = dict[str, torch.Tensor]
+LatentHW = tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes a graph's inputs depend on, read from the bundle."""
+
+    image_size: int  # S: the Q-Former's image encoder input
+    num_query: int  # Q: subject embeddings per subject
+    hidden: int  # D: the text encoder's width (= the subject embeddings')
+    text_length: int  # 77: the text encoder's positions
+    latent_channels: int
+    latent_size: int  # the UNet's configured sample size
+    latent_multiple: int  # latent height and width must be multiples of this (the UNet's down/up sampling)
+    vae_scale_factor: int
+    ctx_begin_pos: int
+
+    @classmethod
+    def of(cls, model: BlipDiffusion) -> "Dims":
+        unet = model.unet
+        return cls(
+            image_size=int(model.qformer.config.vision_config.image_size),
+            num_query=int(model.qformer.query_tokens.shape[1]),
+            hidden=int(model.text_encoder.config.hidden_size),
+            text_length=int(model.text_encoder.config.max_position_embeddings),
+            latent_channels=int(unet.config.in_channels),
+            latent_size=int(unet.config.sample_size),
+            latent_multiple=2 ** sum(1 for b in unet.down_blocks if b.downsamplers is not None),
+            vae_scale_factor=model.vae_scale_factor,
+            ctx_begin_pos=int(model.ctx_begin_pos),
+        )
+
+
+def _one_case(dims: Dims, batch: int) -> list[tuple[int, LatentHW]]:
+    return [(batch, None)]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Everything graph-specific about one exported graph.
+
+    - `source`: the bundle's module the graph is exported from; the export wraps a copy of
+      it (plain attention) in `wrapper(copy, dims)`, the nn.Module `torch.onnx.export` runs.
+    - `sample_inputs(model, dims, batch, generator, latent_hw)`: seeded random inputs (the
+      export's example and the parity check's inputs), keyed by input name.
+    - `reference(model, inputs)`: what the Python pipeline computes, with the bundle's own
+      modules (PyTorch fp32; parity compares the graph with it).
+    - `output_shape(model, dims)`: the output's shape, dynamic dims by name, written into the
+      graph (its own shape inference leaves some static dims as made-up names).
+    - `parity_cases(dims, batch)`: (batch, latent size or None) the parity check runs.
+    - `tolerance`: the gate on the fp32 graph, max abs diff against `reference` under ONNX
+      Runtime's CPU provider.
+    - `fp32_scopes`: node-name prefixes kept in fp32 in the fp16 graph (`fp16.convert_fp16`).
+    - `input_shapes`: each input's dims for TensorRT's optimisation profiles, an int where
+      fixed, else a size's name: "batch", "subject_text" (the class text's length),
+      "latent_height", "latent_width", or a `Dims` field (image_size, num_query, hidden,
+      text_length, latent_channels).
+    - `engine_batch`: the TensorRT profiles' batch (min, opt, max).
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_axes: Mapping[str, Mapping[int, str]]
+    source: Callable[[BlipDiffusion], nn.Module]
+    wrapper: Callable[[nn.Module, Dims], nn.Module]
+    sample_inputs: Callable[[BlipDiffusion, Dims, int, torch.Generator, LatentHW], Inputs]
+    reference: Callable[[BlipDiffusion, Inputs], torch.Tensor]
+    output_shape: Callable[[BlipDiffusion, Dims], list[int | str]]
+    tolerance: float
+    input_shapes: Mapping[str, tuple[int | str, ...]]
+    engine_batch: tuple[int, int, int]
+    parity_cases: Callable[[Dims, int], list[tuple[int, LatentHW]]] = _one_case
+    fp32_scopes: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------- wrappers
+class SubjectEncoderGraph(nn.Module):
+    def __init__(self, qformer: nn.Module):
+        super().__init__()
+        self.qformer = qformer
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        return self.qformer(pixel_values, input_ids, attention_mask)
+
+
+class TextEncoderGraph(nn.Module):
+    """The context text encoder with both guidance branches in one graph.
+
+    Token embeddings E (B,L,D) and subject embeddings S (B,Q,D) are concatenated into
+    (B,L+Q,D), then each row gathers L of them: with a subject, E[:p] S E[p:L-Q] (the
+    prompt was tokenized to L-Q ids, p = ctx_begin_pos); without, E[:L]. Positions, the
+    causal mask and the CLIP layers are transformers' modules of the text model.
+    """
+
+    def __init__(self, text_encoder: nn.Module, num_query: int, ctx_begin_pos: int):
+        super().__init__()
+        self.text_model = text_encoder.text_model
+        length = text_encoder.config.max_position_embeddings
+        p = ctx_begin_pos
+        with_subject = [*range(p), *range(length, length + num_query), *range(p, length - num_query)]
+        self.register_buffer("with_subject", torch.tensor(with_subject)[None], persistent=False)
+        self.register_buffer("without_subject", torch.arange(length)[None], persistent=False)
+        self.register_buffer("positions", torch.arange(length)[None], persistent=False)
+        # Causal over the whole sequence, subject embeddings included, as ContextCLIPTextModel.
+        mask = torch.full((length, length), torch.finfo(torch.float32).min).triu(1)
+        self.register_buffer("causal_mask", mask[None, None], persistent=False)
+
+    def forward(self, input_ids, subject_embeds, has_subject):
+        model = self.text_model
+        tokens = model.embeddings.token_embedding(input_ids)
+        both = torch.cat([tokens, subject_embeds.to(tokens.dtype)], dim=1)
+        index = torch.where(has_subject[:, None], self.with_subject, self.without_subject)
+        hidden = both.gather(1, index[:, :, None].expand(-1, -1, both.shape[2]))
+        hidden = hidden + model.embeddings.position_embedding(self.positions)
+        hidden = model.encoder(inputs_embeds=hidden, attention_mask=self.causal_mask.to(hidden.dtype)).last_hidden_state
+        return model.final_layer_norm(hidden)
+
+
+class UNetGraph(nn.Module):
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoderGraph(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
+# ---------------------------------------------------------------- graph inputs
+def text_encoder_inputs(tokenizer, prompts: list[str], has_subject: list[bool], text_length: int,
+                        num_query: int) -> dict[str, np.ndarray]:
+    """`input_ids` and `has_subject` of the text_encoder graph for built prompts (see
+    `BlipDiffusion.build_prompt`) and negative prompts, one row each: the ids of
+    `conditioning.prompt_ids` (the graph never reads a subject row's last num_query pads).
+    Needs only the CLIP tokenizer, so serving can use it on an export folder."""
+    ids = prompt_ids(tokenizer, prompts, text_length, num_query, has_subject)
+    return {"input_ids": ids.numpy(), "has_subject": np.asarray(has_subject, dtype=bool)}
+
+
+CLASS_TEXTS = ("dog", "red backpack", "teapot", "stuffed animal toy")
+PROMPTS = ("in the jungle", "on the beach, a photo", "floating in space")
+
+
+def _subject_encoder_inputs(model: BlipDiffusion, dims: Dims, batch: int, generator: torch.Generator,
+                            latent_hw: LatentHW = None) -> Inputs:
+    text = model.qformer_tokenizer([CLASS_TEXTS[i % len(CLASS_TEXTS)] for i in range(batch)],
+                                   return_tensors="pt", padding=True)
+    return {"pixel_values": torch.randn(batch, 3, dims.image_size, dims.image_size, generator=generator),
+            "input_ids": text.input_ids.long(), "attention_mask": text.attention_mask.long()}
+
+
+def _text_encoder_inputs(model: BlipDiffusion, dims: Dims, batch: int, generator: torch.Generator,
+                         latent_hw: LatentHW = None) -> Inputs:
+    has = [i % 2 == 0 for i in range(batch)]  # conditioned and unconditioned rows mixed
+    prompts = [BlipDiffusion.build_prompt(PROMPTS[i % len(PROMPTS)], CLASS_TEXTS[i % len(CLASS_TEXTS)],
+                                          prompt_reps=3) if h else "low quality, blurry"
+               for i, h in enumerate(has)]
+    arrays = text_encoder_inputs(model.tokenizer, prompts, has, dims.text_length, dims.num_query)
+    return {"input_ids": torch.from_numpy(arrays["input_ids"]),
+            "subject_embeds": torch.randn(batch, dims.num_query, dims.hidden, generator=generator),
+            "has_subject": torch.from_numpy(arrays["has_subject"])}
+
+
+def _latents(dims: Dims, batch: int, generator: torch.Generator, latent_hw: LatentHW) -> torch.Tensor:
+    h, w = latent_hw or (dims.latent_size, dims.latent_size)
+    return torch.randn(batch, dims.latent_channels, h, w, generator=generator)
+
+
+def _unet_inputs(model: BlipDiffusion, dims: Dims, batch: int, generator: torch.Generator,
+                 latent_hw: LatentHW = None) -> Inputs:
+    return {"sample": _latents(dims, batch, generator, latent_hw),
+            "timestep": torch.randint(0, 1000, (batch,), generator=generator).float(),
+            "encoder_hidden_states": torch.randn(batch, dims.text_length, dims.hidden, generator=generator)}
+
+
+def _vae_decoder_inputs(model: BlipDiffusion, dims: Dims, batch: int, generator: torch.Generator,
+                        latent_hw: LatentHW = None) -> Inputs:
+    return {"latents": _latents(dims, batch, generator, latent_hw)}
+
+
+def _unet_cases(dims: Dims, batch: int) -> list[tuple[int, LatentHW]]:
+    """The export's latent size, and another, non-square one (dynamic height and width)."""
+    m = dims.latent_multiple
+    return [(batch, None), (batch, (max(m, dims.latent_size // 2 // m * m), dims.latent_size))]
+
+
+# ---------------------------------------------------------------------- the specs
+_LATENT_AXES = {0: "batch", 2: "latent_height", 3: "latent_width"}
+
+SPECS: dict[str, GraphSpec] = {spec.name: spec for spec in (
+    GraphSpec(
+        name="subject_encoder",
+        inputs=("pixel_values", "input_ids", "attention_mask"), outputs=("subject_embeds",),
+        dynamic_axes={"pixel_values": {0: "batch"}, "input_ids": {0: "batch", 1: "text_length"},
+                      "attention_mask": {0: "batch", 1: "text_length"}, "subject_embeds": {0: "batch"}},
+        source=lambda model: model.qformer,
+        wrapper=lambda module, dims: SubjectEncoderGraph(module),
+        sample_inputs=_subject_encoder_inputs,
+        reference=lambda model, x: model.qformer(x["pixel_values"], x["input_ids"], x["attention_mask"]),
+        output_shape=lambda model, dims: ["batch", dims.num_query,
+                                          int(model.qformer.config.qformer_config.hidden_size)],
+        tolerance=1e-4,
+        input_shapes={"pixel_values": ("batch", 3, "image_size", "image_size"),
+                      "input_ids": ("batch", "subject_text"), "attention_mask": ("batch", "subject_text")},
+        engine_batch=(1, 1, 4),
+    ),
+    GraphSpec(
+        name="text_encoder",
+        inputs=("input_ids", "subject_embeds", "has_subject"), outputs=("text_embeds",),
+        dynamic_axes={"input_ids": {0: "batch"}, "subject_embeds": {0: "batch"}, "has_subject": {0: "batch"},
+                      "text_embeds": {0: "batch"}},
+        source=lambda model: model.text_encoder,
+        wrapper=lambda module, dims: TextEncoderGraph(module, dims.num_query, dims.ctx_begin_pos),
+        sample_inputs=_text_encoder_inputs,
+        # the Python pipeline's path, independent of the graph's gather
+        reference=lambda model, x: encode_text(model.text_encoder, x["input_ids"], x["subject_embeds"],
+                                               model.ctx_begin_pos, x["has_subject"]),
+        output_shape=lambda model, dims: ["batch", dims.text_length, dims.hidden],
+        tolerance=1e-4,
+        input_shapes={"input_ids": ("batch", "text_length"), "subject_embeds": ("batch", "num_query", "hidden"),
+                      "has_subject": ("batch",)},
+        engine_batch=(2, 2, 8),  # the prompt and the negative prompt (CFG), up to 4 images
+    ),
+    GraphSpec(
+        name="unet",
+        inputs=("sample", "timestep", "encoder_hidden_states"), outputs=("noise_pred",),
+        dynamic_axes={"sample": dict(_LATENT_AXES), "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
+                      "noise_pred": dict(_LATENT_AXES)},
+        source=lambda model: model.unet,
+        wrapper=lambda module, dims: UNetGraph(module),
+        sample_inputs=_unet_inputs,
+        reference=lambda model, x: model.unet(x["sample"], x["timestep"],
+                                              encoder_hidden_states=x["encoder_hidden_states"]).sample,
+        output_shape=lambda model, dims: ["batch", int(model.unet.config.out_channels), "latent_height",
+                                          "latent_width"],
+        tolerance=1e-4,
+        input_shapes={"sample": ("batch", "latent_channels", "latent_height", "latent_width"),
+                      "timestep": ("batch",), "encoder_hidden_states": ("batch", "text_length", "hidden")},
+        engine_batch=(2, 2, 8),  # the CFG-doubled batch
+        parity_cases=_unet_cases,
+        # The sinusoidal timestep embedding: timestep (up to 999) x frequency in fp16 is off
+        # by up to ~0.5 rad, so diffusers computes it in fp32 too.
+        fp32_scopes=("/unet/time_proj/",),
+    ),
+    GraphSpec(
+        name="vae_decoder",
+        inputs=("latents",), outputs=("images",),
+        dynamic_axes={"latents": dict(_LATENT_AXES), "images": {0: "batch", 2: "image_height", 3: "image_width"}},
+        source=lambda model: model.vae,
+        wrapper=lambda module, dims: VaeDecoderGraph(module),
+        sample_inputs=_vae_decoder_inputs,
+        reference=lambda model, x: model.vae.decode(x["latents"]).sample,
+        output_shape=lambda model, dims: ["batch", int(model.vae.config.out_channels), "image_height",
+                                          "image_width"],
+        tolerance=3e-4,
+        input_shapes={"latents": ("batch", "latent_channels", "latent_height", "latent_width")},
+        engine_batch=(1, 1, 4),
+    ),
+)}
+GRAPHS = tuple(SPECS)
+
+
+def get_spec(name: str) -> GraphSpec:
+    if name not in SPECS:
+        raise ValueError(f"unknown graph {name!r}; graphs: {', '.join(SPECS)}")
+    return SPECS[name]
+
+
+def sample_inputs(name: str, model: BlipDiffusion, dims: Dims, batch: int, generator: torch.Generator,
+                  latent_hw: LatentHW = None) -> Inputs:
+    """Random inputs of one graph at a batch size (and latent size), from a seeded generator."""
+    return get_spec(name).sample_inputs(model, dims, batch, generator, latent_hw)

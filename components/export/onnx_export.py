@@ -1,0 +1,141 @@
+"""Exporting the graphs of `graphs.SPECS` to ONNX: `export_all` writes `<name>.onnx` (and
+its fp16 twin) per graph into a folder, and returns their descriptions.
+
+The export copies use plain (non-SDPA) attention: transformers' `eager` and diffusers'
+`AttnProcessor`; the parity check (`parity`) compares the graphs with the original modules,
+as the Python pipeline runs them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from components.core.errors import BlipDiffError
+from components.export.files import graph_bytes, save_graph
+from components.export.fp16 import convert_fp16
+from components.export.graphs import GRAPHS, Dims, get_spec, sample_inputs
+from components.model.blip_diffusion import BlipDiffusion
+
+log = logging.getLogger(__name__)
+
+OPSETS = (18, 19)
+EXPORTER = "torch.onnx.export(dynamo=False)"
+
+
+def eager_attention(module: nn.Module) -> nn.Module:
+    """Plain attention on an export copy: transformers' `eager` on every config the copy's
+    layers read (sub-configs included), diffusers' `AttnProcessor` on a UNet or VAE."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    if hasattr(module, "set_attn_processor"):
+        module.set_attn_processor(AttnProcessor())
+        wrong = sorted({type(p).__name__ for p in module.attn_processors.values()} - {"AttnProcessor"})
+        if wrong:
+            raise BlipDiffError(f"{type(module).__name__}: attention processors {wrong} left after AttnProcessor()")
+        return module
+    configs = {id(m.config): m.config for m in module.modules()
+               if hasattr(getattr(m, "config", None), "_attn_implementation")}
+    for config in configs.values():
+        config._attn_implementation = "eager"  # recursive on sub-configs
+    wrong = [c._attn_implementation for c in configs.values() if c._attn_implementation != "eager"]
+    if wrong:
+        raise BlipDiffError(f"{type(module).__name__}: attention implementation {wrong} could not be set to eager")
+    return module
+
+
+def wrapper(name: str, model: BlipDiffusion, dims: Dims) -> nn.Module:
+    """The export copy of one graph (the bundle's modules are left as they are)."""
+    spec = get_spec(name)
+    return spec.wrapper(eager_attention(copy.deepcopy(spec.source(model))), dims).eval()
+
+
+def _set_output_shape(proto, shape: list[int | str]) -> None:
+    dims = proto.graph.output[0].type.tensor_type.shape.dim
+    if len(dims) != len(shape):
+        raise BlipDiffError(f"{proto.graph.output[0].name}: the graph's output has rank {len(dims)}, expected {shape}")
+    for dim, want in zip(dims, shape):
+        if isinstance(want, str):
+            dim.dim_param = want
+        else:
+            dim.dim_value = want
+
+
+def export_graph(name: str, model: BlipDiffusion, dims: Dims, folder: Path, opset: int, batch: int,
+                 device: torch.device, seed: int = 0) -> dict:
+    """Export one graph to `folder/<name>.onnx` (external data when large); its description."""
+    import onnx
+
+    if opset not in OPSETS:
+        raise BlipDiffError(f"opset {opset}: choose one of {', '.join(map(str, OPSETS))}")
+    if batch < 2:
+        raise BlipDiffError(f"export batch {batch}: must be >= 2 (a dynamic dim exported at 1 is specialised)")
+    spec = get_spec(name)
+    graph = wrapper(name, model, dims).to(device)
+    example = sample_inputs(name, model, dims, batch, torch.Generator().manual_seed(seed))
+    args = tuple(example[k].to(device) for k in spec.inputs)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=folder) as scratch:
+        raw = Path(scratch) / f"{name}.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            # Python-level checks on traced sizes (e.g. "if input_ids.shape[0] != batch") warn
+            # that they are traced as constants; none of them decides the computation, which
+            # the parity check verifies at other batch sizes, text lengths and latent sizes.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(graph, args, str(raw), dynamo=False, opset_version=opset, input_names=list(spec.inputs),
+                              output_names=list(spec.outputs), dynamic_axes=spec.dynamic_axes,
+                              do_constant_folding=True)
+        del graph
+        weight_bytes = sum(p.stat().st_size for p in Path(scratch).iterdir())
+        proto = onnx.load(str(raw))  # external data, if torch wrote any, is read in
+        _set_output_shape(proto, spec.output_shape(model, dims))
+        external = save_graph(proto, folder / f"{name}.onnx", weight_bytes)
+    seconds = time.perf_counter() - start
+    onnx.checker.check_model(str(folder / f"{name}.onnx"))
+    log.info("exported %s (%.1f MB%s) in %.1f s", name, graph_bytes(folder, name) / 1e6,
+             ", external data" if external else "", seconds)
+    return {"file": f"{name}.onnx", "external_data": f"{name}.onnx.data" if external else None,
+            **describe(onnx.load(str(folder / f"{name}.onnx"), load_external_data=False)),
+            "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in spec.dynamic_axes.items()},
+            "export_batch": batch}
+
+
+def describe(proto) -> dict:
+    """Input and output names, element types and shapes (symbolic names for dynamic dims)."""
+    import onnx
+
+    def one(value) -> dict:
+        kind = value.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in kind.shape.dim]
+        return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(kind.elem_type).name,
+                "shape": shape}
+
+    return {"inputs": [one(v) for v in proto.graph.input], "outputs": [one(v) for v in proto.graph.output],
+            "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))}
+
+
+def export_all(model: BlipDiffusion, folder: Path, opset: int = 18, batch: int = 2, fp16: bool = True,
+               device: str | torch.device = "cpu", seed: int = 0, graphs: tuple[str, ...] = GRAPHS) -> dict:
+    """Every graph into `folder`; {name: description} (with `fp16` when converted)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dims = Dims.of(model)
+    device = torch.device(device)
+    if device.type != "cpu":
+        model.to(device)
+    try:
+        out = {}
+        for name in graphs:
+            out[name] = export_graph(name, model, dims, folder, opset, batch, device, seed)
+            if fp16:
+                out[name]["fp16"] = convert_fp16(name, folder)
+    finally:
+        if device.type != "cpu":
+            model.to("cpu")
+    return out
