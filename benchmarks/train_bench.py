@@ -73,7 +73,7 @@ def child_full_size(optimizer_name: str, steps: int) -> dict:
     from diffusers import DDPMScheduler
 
     from components.model.full_size import build_full_size
-    from components.stages.train_subject import Stage2
+    from components.training.subject_objective import Stage2
 
     torch.manual_seed(0)
     t0 = time.perf_counter()

@@ -16,7 +16,9 @@ from components.data.manifests import SUBJECTS_SCHEMA, read_manifest, write_parq
 from components.model.layout import load_qformer
 from components.model.tiny.blip_diffusion import build_tiny
 from components.stages import ingest, pretrain_qformer, train_subject
-from components.training.loop import STOP_AFTER_ENV
+from components.training import qformer_objectives
+from components.training.data import CLASS_TEMPLATES, row_captions
+from components.training.faults import STOP_AFTER_ENV
 
 GOLDEN_STAGE1 = Path(__file__).parent / "fixtures" / "golden_stage1"
 SMALL = {"synthetic": {"num_subjects": 3, "min_views": 3, "max_views": 3, "image_size": 48}}
@@ -41,7 +43,7 @@ def _copy(src, dst):
 
 def _stage1(seed=0):
     model = build_tiny(seed)
-    return pretrain_qformer.Stage1(model.qformer, 16, model.qformer_tokenizer.bos_token_id).eval(), model
+    return qformer_objectives.Stage1(model.qformer, 16, model.qformer_tokenizer.bos_token_id).eval(), model
 
 
 def test_itg_mask_is_causal_and_queries_never_see_the_text():
@@ -81,18 +83,18 @@ def test_hard_negatives_never_share_the_text():
     same = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]).bool()
     weights = torch.softmax(torch.randn(4, 4), 1).masked_fill(same, 0)
     for _ in range(50):
-        neg = pretrain_qformer._draw_negatives(weights, g)
+        neg = qformer_objectives._draw_negatives(weights, g)
         assert not same[torch.arange(4), neg].any()
     # A batch where one row has no negative at all still draws one (another row).
     lonely = torch.zeros(3, 3)
-    assert (pretrain_qformer._draw_negatives(lonely, g) != torch.arange(3)).all()
+    assert (qformer_objectives._draw_negatives(lonely, g) != torch.arange(3)).all()
 
 
 def _golden_stage1():
     """The tiny Stage1 and inputs of tests/fixtures/golden_stage1 (scripts/golden/make_stage1_golden.py)."""
     info = json.loads((GOLDEN_STAGE1 / "model.json").read_text())
     model = build_tiny(0)
-    stage1 = pretrain_qformer.Stage1(model.qformer, info["embed_dim"], info["bos_token_id"]).eval()
+    stage1 = qformer_objectives.Stage1(model.qformer, info["embed_dim"], info["bos_token_id"]).eval()
     missing, unexpected = stage1.load_state_dict(load_file(GOLDEN_STAGE1 / "weights.safetensors"), strict=False)
     assert not unexpected
     # everything the losses use is in the fixture: only the frozen image encoder's body and stage 2's projection are not
@@ -177,11 +179,12 @@ def test_two_processes_see_the_global_batch(tmp_path):
     """Under `accelerate launch` with 2 processes (gloo), each holding half of a batch of 8:
     ITC softmaxes over all 8, the same-caption positives and ITM negatives are global, and
     the losses and gradients averaged over the processes equal one process's on all 8
-    (tests/dist_itc_check.py asserts it and writes what it measured)."""
-    from tests.launch import launch_two
+    (tests/helpers/dist_itc_check.py asserts it and writes what it measured)."""
+    from tests.helpers.launch import launch_two
 
     out = tmp_path / "dist.json"
-    launch_two([str(Path(__file__).parent / "dist_itc_check.py"), str(out)], Path(__file__).parents[1], "ITC check")
+    launch_two([str(Path(__file__).parent / "helpers" / "dist_itc_check.py"), str(out)], Path(__file__).parents[1],
+               "ITC check")
     result = json.loads(out.read_text())
     assert result["processes"] == 2 and result["global_batch"] == 8
     for suffix in ("", "_full_gradient"):  # BLIP-2's ITC gradient, and through both sides
@@ -275,9 +278,9 @@ def test_bad_inputs(subjects_root, tmp_path):
 
 
 def test_captions_from_the_manifest_else_class_templates():
-    assert pretrain_qformer.row_captions("a red star-shaped toy with dots", "toy") == ["a red star-shaped toy with dots"]
-    texts = pretrain_qformer.row_captions(None, "dog")
-    assert texts[0] == "a photo of a dog" and len(texts) == len(pretrain_qformer.CLASS_TEMPLATES)
+    assert row_captions("a red star-shaped toy with dots", "toy") == ["a red star-shaped toy with dots"]
+    texts = row_captions(None, "dog")
+    assert texts[0] == "a photo of a dog" and len(texts) == len(CLASS_TEMPLATES)
 
 
 @pytest.mark.slow

@@ -12,7 +12,9 @@ from components.core.config import Params
 from components.core.errors import BlipDiffError
 from components.data.manifests import PAIRS_SCHEMA, read_manifest, write_parquet
 from components.stages import context, ingest, train_subject
-from components.training.loop import STOP_AFTER_ENV
+from components.training import subject_objective
+from components.training.data import PairDataset
+from components.training.faults import STOP_AFTER_ENV
 
 SMALL = {
     "ingest": {"synthetic": {"num_subjects": 2, "min_views": 3, "max_views": 3, "image_size": 48}},
@@ -140,7 +142,7 @@ def test_two_cpu_processes_with_accelerate_launch(pairs_root, tmp_path):
     raw["pretrain_qformer"].update(steps=2, batch_size=4, log_every=1)
     raw["train_subject"].update(steps=2, batch_size=2, resolution=16, log_every=1, id_draws=1)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    from tests.launch import launch_two
+    from tests.helpers.launch import launch_two
 
     for stage in ("pretrain_qformer", "train_subject"):  # stage 2 starts from stage 1's Q-Former
         launch_two(["-m", "components.cli", stage], root, stage)
@@ -246,7 +248,7 @@ def test_out_of_memory_is_one_clear_error_and_writes_nothing(pairs_root, tmp_pat
         return torch.empty(2**60)  # the CPU allocator refuses at once
 
     root = _copy(pairs_root, tmp_path / "oom")
-    monkeypatch.setattr(train_subject.Stage2, "forward", allocate_too_much)
+    monkeypatch.setattr(subject_objective.Stage2, "forward", allocate_too_much)
     with pytest.raises(BlipDiffError, match=r"train_subject: out of memory \(.*allocate.*\); lower "
                                             r"train_subject.batch_size"):
         train_subject.run(_params(), root)
@@ -269,8 +271,8 @@ def test_training_conditions_the_unet_as_generate_does(pairs_root, text_mode):
 
     model = build_tiny(0)
     frame = _frame(pairs_root)
-    data = train_subject.PairDataset(model, frame, pairs_root, 16, text_mode)
-    stage2 = train_subject.Stage2(model).eval()
+    data = PairDataset(model, frame, pairs_root, 16, text_mode)
+    stage2 = subject_objective.Stage2(model).eval()
     i = 1
     batch = data.batch([i])
     class_text, caption = frame["subject_text"].iloc[i], frame["caption"].iloc[i]
@@ -368,7 +370,7 @@ def test_dataset_holds_paths_not_pixels(pairs_root):
 
     from components.model.tiny.blip_diffusion import build_tiny
 
-    data = train_subject.PairDataset(build_tiny(0), _frame(pairs_root), pairs_root, 16, "neutral")
+    data = PairDataset(build_tiny(0), _frame(pairs_root), pairs_root, 16, "neutral")
     assert not [k for k, v in vars(data).items() if isinstance(v, torch.Tensor)]
     item = data[0]
     assert item["pixels"].shape[0] == 3 and item["target"].shape == (3, 16, 16)
@@ -377,12 +379,12 @@ def test_dataset_holds_paths_not_pixels(pairs_root):
 @pytest.mark.slow
 def test_learning_rate_per_optimizer_step_does_not_depend_on_the_process_count(tmp_path):
     from tests.conftest import REPO
-    from tests.dist_lr_check import rates
-    from tests.launch import launch_two
+    from tests.helpers.dist_lr_check import rates
+    from tests.helpers.launch import launch_two
 
     one = rates()
     assert one["processes"] == 1
-    out = launch_two([str(REPO / "tests" / "dist_lr_check.py")], REPO, "the learning-rate check")
+    out = launch_two([str(REPO / "tests" / "helpers" / "dist_lr_check.py")], REPO, "the learning-rate check")
     two = json.loads(out.strip().splitlines()[-1])
     assert two["processes"] == 2
     for kind in ("constant", "cosine"):

@@ -1,28 +1,23 @@
 """Stage `train_subject`: subject representation learning (BLIP-Diffusion stage 2, paper Sec. 4.2).
 
-Each training pair: the composite (subject alpha-blended on a new background) goes
-through the frozen image encoder and the Q-Former to give subject embeddings; the
-original image's VAE latent, sampled afresh each step from the VAE's distribution as the
-reference does, is the denoising target. Noise-prediction MSE on diffusers' DDPM
-schedule. Trainable: Q-Former + projection, text encoder, UNet (each switchable); frozen:
-image encoder, VAE.
-
-Conditioning is the one `blipdiff generate` samples with (LAVIS: `_CTX_BEGIN_POS = 2`):
-the prompt comes from the model's own builder, "a [class] [caption]" (prompt_text
-caption) or "a [class]" (neutral), and the 16 subject embeddings are spliced in at the
-model's `ctx_begin_pos`, right after "a". With probability `subject_prompt_drop` the
-embeddings are left out and the same text is encoded alone. The identification check and
-the MLflow samples go through the same path.
+The objective (`components/training/subject_objective.py`): the composite of each
+training pair gives subject embeddings through the frozen image encoder and the Q-Former;
+the original image's VAE latent is the denoising target, the UNet conditioned as `blipdiff
+generate` conditions it. Trainable: Q-Former + projection, text encoder, UNet (each
+switchable); frozen: image encoder, VAE. The prompt comes from the model's own builder,
+"a [class] [caption]" (prompt_text caption) or "a [class]" (neutral).
 
 Samples stream from disk through a DataLoader (`num_workers` workers), batch by batch;
 with `cache: true` the VAE latent moments and the image encoder's features of every file
-are kept on disk (`cache_dir`), keyed by content and weights hashes.
+are kept on disk (`cache_dir`), keyed by content and weights hashes
+(`components/training/data.py`, `PairDataset`).
 
 Runs under accelerate: `accelerate launch --multi_gpu --num_processes N -m components.cli
 train_subject` starts N processes (on a machine without GPUs they train on the CPU, gloo).
 Every step draws its batch, noise, timesteps and latent sample from a generator seeded by
 (seed, step, micro-batch, process), so a run resumed from a checkpoint ends with the same
-weights as an uninterrupted one.
+weights as an uninterrupted one. Learning checks: the loss on a fixed batch, and subject
+identification by denoising error on the held-out views.
 """
 
 from __future__ import annotations
@@ -32,21 +27,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset, Subset, default_collate
 
 from components.core import tracking
 from components.core.config import Params, TrainSubjectConfig
 from components.core.errors import BlipDiffError
 from components.core.io import folder_hash
 from components.core.paths import BLIP_DIFFUSION_DIR, PAIRS_MANIFEST, checkpoint_dir, checkpoint_root, curve_file
-from components.data.images import read_listed_rgb
 from components.data.manifests import PAIRS_SCHEMA, read_manifest
 from components.model import layout
-from components.model.blip_diffusion import BlipDiffusion
 from components.model.presets import from_preset
 from components.training import data as streaming
 from components.training import loop as training
+from components.training.data import PairDataset
+from components.training.subject_objective import Stage2, draw, fixed_batch_loss, identification_accuracy, latent_shape
 
 log = logging.getLogger(__name__)
 
@@ -57,219 +50,47 @@ PLOTS = (curve_file("train_subject"),)
 CHECKPOINT_DIR = checkpoint_dir("train_subject")
 
 
-# ----------------------------------------------------------------------------- data
-def training_prompt(model, caption: str | None, class_text: str, text_mode: str) -> str:
-    """The text a training sample conditions on: `generate`'s prompt for that class, with the
-    caption (caption mode) or nothing (neutral) as the context."""
-    context = caption if text_mode == "caption" and isinstance(caption, str) else ""
-    return model.build_prompt(context, class_text)
-
-
-class PairDataset(Dataset):
-    """Training pairs read from disk one at a time: the composite for the Q-Former (or its
-    cached image-encoder features), the original for the VAE (or its cached latent
-    moments), the class text and the built prompt. Holds paths and strings only."""
-
-    def __init__(self, model, frame, root: Path, resolution: int, text_mode: str):
-        self.root, self.resolution = root, resolution
-        self.processor = model.image_processor
-        self.inputs, self.targets = list(frame["input_path"]), list(frame["target_path"])
-        self.subjects = sorted(frame["subject_id"].unique())
-        self.subject_index = [self.subjects.index(s) for s in frame["subject_id"]]
-        classes = dict(zip(frame["subject_id"], frame["subject_text"]))
-        self.subject_classes = [classes[s] for s in self.subjects]
-        self.class_texts = list(frame["subject_text"])
-        self.prompts = [training_prompt(model, c, t, text_mode) for c, t in zip(frame["caption"], self.class_texts)]
-        self.features: streaming.FeatureCache | None = None
-        self.moments: streaming.FeatureCache | None = None
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def image(self, relative: str) -> np.ndarray:
-        return read_listed_rgb(self.root, relative, PAIRS_MANIFEST, "context")
-
-    def __getitem__(self, i: int) -> dict:
-        item = {"index": i, "class_text": self.class_texts[i], "prompt": self.prompts[i]}
-        if self.features is not None:
-            item["image_embeds"] = self.features.get(self.input_hashes[i])
-        else:
-            item["pixels"] = self.processor([self.image(self.inputs[i])])[0]
-        if self.moments is not None:
-            item["moments"] = self.moments.get(self.target_hashes[i])
-        else:
-            item["target"] = BlipDiffusion.vae_pixels(self.image(self.targets[i]), self.resolution)
-        return item
-
-    def batch(self, rows) -> dict:
-        return default_collate([self[int(i)] for i in rows])
-
-    def rows_of(self, k: int) -> list[int]:
-        return [i for i, s in enumerate(self.subject_index) if s == k]
-
-    def use_cache(self, model, folder: Path, num_workers: int, is_main: bool) -> None:
-        """Compute (main process) or find the frozen networks' outputs for every file, then
-        read them instead of the images."""
-        latent_ns = f"vae-{streaming.module_hash(model.vae)}-{self.resolution}px"
-        p = self.processor
-        feature_ns = (f"image-{streaming.module_hash(model.qformer.visual_encoder)}-{p.size}-{p.crop_size}-"
-                      f"{streaming.params_tag((p.mean, p.std))}")
-        self.input_hashes = [streaming.file_sha256(self.root / r) for r in self.inputs]
-        self.target_hashes = [streaming.file_sha256(self.root / r) for r in self.targets]
-        features = streaming.FeatureCache(folder, feature_ns)
-        moments = streaming.FeatureCache(folder, latent_ns)
-        if is_main:
-            todo = sorted({i for i, h in enumerate(self.input_hashes) if not features.has(h)}
-                          | {i for i, h in enumerate(self.target_hashes) if not moments.has(h)})
-            if todo:
-                log.info("caching image features and latents of %d pairs in %s", len(todo), folder)
-            loader = streaming.make_loader(Subset(self, todo), batch_size=32, num_workers=num_workers)
-            with torch.no_grad():
-                for batch in loader:
-                    feats = model.qformer.visual_encoder(batch["pixels"].to(model.device, model.qformer.dtype))
-                    mom = model.latent_moments(batch["target"])
-                    for j, i in enumerate(batch["index"].tolist()):
-                        features.put(self.input_hashes[i], feats[j])
-                        moments.put(self.target_hashes[i], mom[j])
-        self.features, self.moments = features, moments
-
-
-# ---------------------------------------------------------------------------- model
-class Stage2(torch.nn.Module):
-    """The trained parts in one module, so accelerate wraps them (DDP) as one. The bundle (its
-    tokenizers, prompt encoder and frozen VAE) is held as a plain attribute."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.qformer, self.text_encoder, self.unet = model.qformer, model.text_encoder, model.unet
-        self.bundle = model
-
-    def subject_embeddings(self, batch: dict) -> torch.Tensor:
-        device = self.unet.device
-        q = self.bundle.qformer_tokenizer(list(batch["class_text"]), padding=True, return_tensors="pt")
-        pixels = batch.get("pixels")
-        image_embeds = batch.get("image_embeds")
-        return self.qformer(None if pixels is None else pixels.to(device), q.input_ids.to(device),
-                            q.attention_mask.to(device),
-                            image_embeds=None if image_embeds is None else image_embeds.to(device))
-
-    def text_embeddings(self, prompts: list[str], drop: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """`generate`'s conditioning for each prompt; where the subject prompt is dropped, the
-        same text without the subject embeddings."""
-        bundle = self.bundle
-        out = torch.empty(len(prompts), self.text_encoder.config.max_position_embeddings,
-                          self.text_encoder.config.hidden_size, device=embeds.device, dtype=embeds.dtype)
-        keep = (~drop).nonzero().flatten().tolist()
-        dropped = drop.nonzero().flatten().tolist()
-        if keep:
-            ids = bundle.prompt_ids([prompts[i] for i in keep], embeds.shape[1])
-            out[keep] = bundle.encode_prompt_ids(ids, embeds[keep]).to(out.dtype)
-        if dropped:
-            ids = bundle.prompt_ids([prompts[i] for i in dropped], 0)
-            out[dropped] = self.text_encoder(ids.to(embeds.device)).last_hidden_state.to(out.dtype)
-        return out
-
-    def clean_latents(self, batch: dict, eps: torch.Tensor | None) -> torch.Tensor:
-        """The targets' latents: a fresh sample of the VAE distribution (eps), or its mode."""
-        moments = batch.get("moments")
-        if moments is None:
-            moments = self.bundle.latent_moments(batch["target"])
-        return self.bundle.latents_from_moments(moments.to(self.unet.device), eps)
-
-    def forward(self, batch: dict, drop, noise, timesteps, eps, noise_scheduler) -> torch.Tensor:
-        device = self.unet.device
-        embeds = self.subject_embeddings(batch)
-        text = self.text_embeddings(list(batch["prompt"]), drop, embeds)
-        clean = self.clean_latents(batch, eps)
-        noise, timesteps = noise.to(device, clean.dtype), timesteps.to(device)
-        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        pred = self.unet(noisy, timesteps, encoder_hidden_states=text).sample
-        return F.mse_loss(pred.float(), noise.float())
-
-
-def latent_shape(model, resolution: int) -> tuple[int, int, int]:
-    side = resolution // model.vae_scale_factor
-    return (model.vae.config.latent_channels, side, side)
-
-
-def _draw(cfg: TrainSubjectConfig, step: int, micro: int, rank: int, n: int, shape, num_timesteps: int):
-    """Rows, subject-prompt drops, noise, timesteps and latent-sample noise of one
-    micro-batch: a function of its position (the rows are the sampler's draw)."""
-    g = streaming.step_generator(cfg.seed, step, micro, rank)
-    rows = streaming.draw_rows(g, n, cfg.batch_size)
-    drop = torch.rand(cfg.batch_size, generator=g) < cfg.subject_prompt_drop
-    noise = torch.randn((cfg.batch_size, *shape), generator=g)
-    timesteps = torch.randint(0, num_timesteps, (cfg.batch_size,), generator=g)
-    eps = torch.randn((cfg.batch_size, *shape), generator=g)
-    return rows, drop, noise, timesteps, eps
-
-
-# ------------------------------------------------------------------- learning check
-@torch.no_grad()
-def fixed_batch_loss(stage2, data: PairDataset, cfg: TrainSubjectConfig, noise_scheduler) -> float:
-    """Loss on one fixed batch (rows, noise, timesteps, latent sample): the overfit check
-    compares it over training."""
-    was_training = stage2.training
-    stage2.eval()
-    rows, drop, noise, t, eps = _draw(cfg, -1, 0, 0, len(data), latent_shape(stage2.bundle, cfg.resolution),
-                                      noise_scheduler.config.num_train_timesteps)
-    loss = stage2(data.batch(rows), torch.zeros_like(drop), noise, t, eps, noise_scheduler).item()
-    stage2.train(was_training)
-    return loss
-
-
-@torch.no_grad()
-def identification_accuracy(model, train: PairDataset, held_out: PairDataset, cfg: TrainSubjectConfig) -> dict:
-    """Subject identification by denoising error on held-out views (the paper's claim in miniature).
-
-    For each held-out image, the denoising error of its latent (the VAE's mode) is measured
-    under every training subject's embeddings (averaged over that subject's training
-    composites), with the same noise, timesteps (>= id_min_timestep) and text for every
-    candidate: `generate`'s conditioning for the image's class and prompt. The image counts
-    as identified when its own subject gives the lowest mean error.
-    """
-    from diffusers import DDPMScheduler
-
-    sched = DDPMScheduler.from_config(model.scheduler.config)
-    stage2 = Stage2(model)
-    device = model.device
-    candidates = []
-    for k in range(len(train.subjects)):
-        total, count = 0, 0
-        for batch in streaming.make_loader(Subset(train, train.rows_of(k)), batch_size=32):
-            total = total + stage2.subject_embeddings(batch).sum(0, keepdim=True)
-            count += len(batch["index"])
-        candidates.append(total / count)
-    g = torch.Generator().manual_seed(cfg.seed + 7)
-    correct = 0
-    for i in range(len(held_out)):
-        batch = held_out.batch([i])
-        truth = train.subjects.index(held_out.subjects[held_out.subject_index[i]])
-        clean = stage2.clean_latents(batch, None).expand(cfg.id_draws, -1, -1, -1)
-        noise = torch.randn(clean.shape, generator=g).to(device)
-        t = torch.randint(cfg.id_min_timestep, sched.config.num_train_timesteps, (cfg.id_draws,), generator=g).to(device)
-        noisy = sched.add_noise(clean, noise, t)
-        ids = model.prompt_ids(list(batch["prompt"]), candidates[0].shape[1])
-        errors = []
-        for e in candidates:
-            text = model.encode_prompt_ids(ids, e)
-            pred = model.unet(noisy, t, encoder_hidden_states=text.expand(cfg.id_draws, -1, -1)).sample
-            errors.append(F.mse_loss(pred, noise).item())
-        correct += int(np.argmin(errors) == truth)
-    accuracy = correct / max(len(held_out), 1)
-    chance = 1.0 / len(train.subjects)
-    return {"id_accuracy": accuracy, "id_chance": chance, "id_images": len(held_out),
-            "id_over_chance": accuracy / chance}
-
-
-# ---------------------------------------------------------------------------- stage
 @training.explain_out_of_memory(
     "train_subject", "lower train_subject.batch_size or resolution (gradient_accumulation_steps keeps the "
     "effective batch), or set gradient_checkpointing: true")
 def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
-    from diffusers import DDPMScheduler
-
     cfg = params.train_subject
+    train_frame, held_frame = read_splits(root)
+    ckpt_root = checkpoint_root(root, "train_subject")
+    accelerator = training.make_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision, "train_subject",
+                                            ckpt_root)
+    model, train, held_out = build_data(params, root, accelerator, train_frame, held_frame)
+    stage2, optimizer, lr_schedule, trainable, ema, noise_scheduler = build_model(model, cfg, accelerator)
+
+    files = sorted(set(train_frame["input_path"]) | set(train_frame["target_path"]))
+    fingerprint = training.fingerprint(params, "train_subject", root / PAIRS_MANIFEST, [root / f for f in files],
+                                       "context")
+    start, curve = training.begin(accelerator, ckpt_root, resume, fingerprint, "train_subject", ema)
+    plain = accelerator.unwrap_model(stage2)
+    fixed_start = fixed_batch_loss(plain, train, cfg, noise_scheduler)
+
+    losses, seconds = fit(cfg, accelerator, stage2, optimizer, lr_schedule, trainable, ema, noise_scheduler,
+                          model, train, start, fingerprint, curve)
+    stage2 = None  # the DDP wrapper goes before the process group (training.finish)
+    plain.eval()
+    if ema is not None:
+        ema.copy_to(trainable)
+
+    metrics: dict = {}
+    samples: dict[str, np.ndarray] = {}
+    if accelerator.is_main_process:
+        layout.save(model, root / BLIP_DIFFUSION_DIR)
+        training.write_curve(curve, root / curve_file("train_subject"))
+        metrics = measure(plain, model, cfg, accelerator, train, held_out, noise_scheduler, fixed_start, losses,
+                          seconds, cfg.steps - start)
+        samples = _samples(model, train)
+        log.info("wrote %s; %s", BLIP_DIFFUSION_DIR, {k: metrics[k] for k in metrics if k.startswith(("id_", "loss"))})
+    training.finish(accelerator)
+    return metrics, samples
+
+
+def read_splits(root: Path):
+    """The pairs manifest's train rows, and its held-out views of the subjects trained on."""
     frame = read_manifest(root / PAIRS_MANIFEST, PAIRS_SCHEMA)
     if frame.empty:
         raise BlipDiffError(f"{PAIRS_MANIFEST}: no training pairs (run `dvc repro context`)")
@@ -278,10 +99,13 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
     held_frame = held_frame[held_frame["subject_id"].isin(set(train_frame["subject_id"]))]
     if train_frame.empty:
         raise BlipDiffError(f"{PAIRS_MANIFEST}: no pairs in the train split")
+    return train_frame, held_frame
 
-    ckpt_root = checkpoint_root(root, "train_subject")
-    accelerator = training.make_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision, "train_subject",
-                                            ckpt_root)
+
+def build_data(params: Params, root: Path, accelerator, train_frame, held_frame):
+    """The preset's model (seeded; the Q-Former from stage 1 where `qformer` names one) on
+    the accelerator's device, and the training and held-out pairs (cached where asked)."""
+    cfg = params.train_subject
     torch.manual_seed(cfg.seed)
     model = from_preset(params.preset, seed=cfg.seed)
     if cfg.qformer:
@@ -300,6 +124,13 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
     log.info("%d training pairs of %d subjects, %d held-out views; %d process(es) on %s; %d loader worker(s)%s",
              len(train), len(train.subjects), len(held_frame), accelerator.num_processes, accelerator.device,
              cfg.num_workers, ", cached features" if cfg.cache else "")
+    return model, train, held_out
+
+
+def build_model(model, cfg: TrainSubjectConfig, accelerator):
+    """The trained parts as one module, what trains of them, the optimizer and schedule
+    (prepared by accelerate), the EMA where asked and the DDPM noise schedule."""
+    from diffusers import DDPMScheduler
 
     model.vae.requires_grad_(False)
     model.qformer.visual_encoder.requires_grad_(False)
@@ -322,14 +153,13 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
 
         ema = EMAModel(trainable, decay=cfg.ema_decay)
     noise_scheduler = DDPMScheduler.from_config(model.scheduler.config)
+    return stage2, optimizer, lr_schedule, trainable, ema, noise_scheduler
 
-    files = sorted(set(train_frame["input_path"]) | set(train_frame["target_path"]))
-    fingerprint = training.fingerprint(params, "train_subject", root / PAIRS_MANIFEST, [root / f for f in files],
-                                       "context")
-    start, curve = training.begin(accelerator, ckpt_root, resume, fingerprint, "train_subject", ema)
 
-    plain = accelerator.unwrap_model(stage2)
-    fixed_start = fixed_batch_loss(plain, train, cfg, noise_scheduler)
+def fit(cfg: TrainSubjectConfig, accelerator, stage2, optimizer, lr_schedule, trainable: list, ema, noise_scheduler,
+        model, train: PairDataset, start: int, fingerprint: dict, curve: list[dict]) -> tuple[list[float], float]:
+    """Steps `start`..`cfg.steps`, the pairs streamed from disk; samples to MLflow every
+    `sample_every` steps. Returns each step's loss and the seconds spent."""
     shape = latent_shape(model, cfg.resolution)
     sampler = streaming.StepBatchSampler(len(train), cfg.batch_size, cfg.seed, accelerator.process_index, start,
                                          cfg.steps, cfg.gradient_accumulation_steps)
@@ -337,8 +167,8 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
                                          seed=cfg.seed + accelerator.process_index))
 
     def loss_fn(step: int, micro: int) -> dict[str, torch.Tensor]:
-        rows, drop, noise, t, eps = _draw(cfg, step, micro, accelerator.process_index, len(train), shape,
-                                          noise_scheduler.config.num_train_timesteps)
+        rows, drop, noise, t, eps = draw(cfg, step, micro, accelerator.process_index, len(train), shape,
+                                         noise_scheduler.config.num_train_timesteps)
         batch = next(batches)
         if not torch.equal(batch["index"], rows):
             raise BlipDiffError(f"train_subject: loader out of step at step {step}.{micro}")
@@ -351,38 +181,26 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
     history, seconds = training.train_loop(
         accelerator, stage2, optimizer, lr_schedule, trainable, cfg, stage="train_subject", start=start,
         fingerprint=fingerprint, loss_fn=loss_fn, ema=ema, after_step=sample, curve=curve)
-    losses = [h["loss"] for h in history]
-    batches = None
+    return [h["loss"] for h in history], seconds
 
-    stage2 = None  # the DDP wrapper goes before the process group (training.finish)
-    plain.eval()
-    if ema is not None:
-        ema.copy_to(trainable)
-    metrics: dict = {}
-    samples: dict[str, np.ndarray] = {}
-    if accelerator.is_main_process:
-        layout.save(model, root / BLIP_DIFFUSION_DIR)
-        training.write_curve(curve, root / curve_file("train_subject"))
-        steps_run = cfg.steps - start
-        metrics = {
-            "fixed_batch_loss_start": fixed_start,
-            "fixed_batch_loss_end": fixed_batch_loss(plain, train, cfg, noise_scheduler),
-            "loss_first": losses[0] if losses else float("nan"),
-            "loss_last_mean": float(np.mean(losses[-cfg.log_every:])) if losses else float("nan"),
-            "seconds_training": round(seconds, 3),
-            "seconds_per_step": round(seconds / max(steps_run, 1), 4),
-            "samples_per_s": round(steps_run * cfg.batch_size * cfg.gradient_accumulation_steps
-                                   * accelerator.num_processes / max(seconds, 1e-9), 3),
-            "peak_memory_mb": round(training.peak_memory_mb(), 1),
-            "processes": accelerator.num_processes,
-            "train_pairs": len(train),
-        }
-        if held_out is not None:
-            metrics.update(identification_accuracy(model, train, held_out, cfg))
-        samples = _samples(model, train)
-        log.info("wrote %s; %s", BLIP_DIFFUSION_DIR, {k: metrics[k] for k in metrics if k.startswith(("id_", "loss"))})
-    training.finish(accelerator)
-    return metrics, samples
+
+def measure(plain: Stage2, model, cfg: TrainSubjectConfig, accelerator, train: PairDataset,
+            held_out: PairDataset | None, noise_scheduler, fixed_start: float, losses: list[float],
+            seconds: float, steps_run: int) -> dict:
+    """The learning checks (fixed-batch loss, held-out identification), time and memory."""
+    fixed_end = fixed_batch_loss(plain, train, cfg, noise_scheduler)
+    metrics = {
+        "fixed_batch_loss_start": fixed_start,
+        "fixed_batch_loss_end": fixed_end,
+        "loss_first": losses[0] if losses else float("nan"),
+        "loss_last_mean": float(np.mean(losses[-cfg.log_every:])) if losses else float("nan"),
+        **training.throughput_metrics(seconds, steps_run, cfg, accelerator.num_processes),
+        "processes": accelerator.num_processes,
+        "train_pairs": len(train),
+    }
+    if held_out is not None:
+        metrics.update(identification_accuracy(model, train, held_out, cfg))
+    return metrics
 
 
 def _samples(model, data: PairDataset) -> dict[str, np.ndarray]:

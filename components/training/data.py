@@ -11,21 +11,35 @@ batch, in an order that is a function of the position in the run only.
 - `FeatureCache` keeps outputs of frozen networks (VAE latent moments, image-encoder
   features) on disk, keyed by the content hash of the input file, the network's weights and
   the preprocessing: optional, for runs that repeat on the same data.
+
+And the training stages' datasets, which hold paths and strings, not pixels:
+
+- `CaptionData` (pretrain_qformer): images and their candidate captions, the manifest's
+  caption else class templates ("a photo of a dog"); `candidate_captions` are the
+  retrieval check's texts.
+- `PairDataset` (train_subject): composite and original of each pair (or their cached
+  frozen-network outputs), the class text and the prompt `training_prompt` builds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path, file_sha256, state_hash
+from components.core.paths import PAIRS_MANIFEST, SUBJECTS_MANIFEST
+from components.data.images import read_listed_rgb
+from components.model.blip_diffusion import BlipDiffusion
+
+log = logging.getLogger(__name__)
 
 
 def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
@@ -126,3 +140,126 @@ class FeatureCache:
 def params_tag(value) -> str:
     """A short stable hash of plain values (preprocessing settings) for cache namespaces."""
     return hashlib.sha256(repr(value).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------- pretrain_qformer's data
+CLASS_TEMPLATES = ("a photo of a {}", "a picture of the {}", "a close-up photo of a {}", "a {} on its own")
+
+
+def row_captions(caption: str | None, class_name: str) -> list[str]:
+    """The texts one image may be paired with: its caption, else the class templates."""
+    if isinstance(caption, str) and caption.strip():
+        return [caption.strip()]
+    return [t.format(class_name) for t in CLASS_TEMPLATES]
+
+
+class CaptionData(Dataset):
+    """Images read from disk when a batch needs them (paths kept, not pixels) and their
+    tokenized candidate texts."""
+
+    def __init__(self, frame, root: Path, image_processor, tokenizer, max_length: int):
+        per_row = [row_captions(c, k) for c, k in zip(frame["caption"], frame["class_name"])]
+        self.texts = list(dict.fromkeys(t for texts in per_row for t in texts))
+        index = {t: i for i, t in enumerate(self.texts)}
+        self.row_texts = [[index[t] for t in texts] for texts in per_row]
+        self.root, self.paths, self.processor = root, list(frame["image_path"]), image_processor
+        self.ids, self.mask = tokenize(tokenizer, self.texts, max_length)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        image = read_listed_rgb(self.root, self.paths[i], SUBJECTS_MANIFEST, "ingest")
+        return {"index": i, "pixels": self.processor([image])[0]}
+
+    def batch(self, rows) -> dict:
+        return default_collate([self[int(i)] for i in rows])
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tok = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return tok.input_ids, tok.attention_mask
+
+
+def candidate_captions(frame, tokenizer, max_length: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """The retrieval candidates: each image's first text (its caption, or "a photo of a
+    [class]"), once each, tokenized. Texts only: no image is read for them."""
+    captions = list(dict.fromkeys(row_captions(c, k)[0] for c, k in zip(frame["caption"], frame["class_name"])))
+    return (captions, *tokenize(tokenizer, captions, max_length))
+
+
+# -------------------------------------------------------------- train_subject's data
+def training_prompt(model, caption: str | None, class_text: str, text_mode: str) -> str:
+    """The text a training sample conditions on: `generate`'s prompt for that class, with the
+    caption (caption mode) or nothing (neutral) as the context."""
+    context = caption if text_mode == "caption" and isinstance(caption, str) else ""
+    return model.build_prompt(context, class_text)
+
+
+class PairDataset(Dataset):
+    """Training pairs read from disk one at a time: the composite for the Q-Former (or its
+    cached image-encoder features), the original for the VAE (or its cached latent
+    moments), the class text and the built prompt. Holds paths and strings only."""
+
+    def __init__(self, model, frame, root: Path, resolution: int, text_mode: str):
+        self.root, self.resolution = root, resolution
+        self.processor = model.image_processor
+        self.inputs, self.targets = list(frame["input_path"]), list(frame["target_path"])
+        self.subjects = sorted(frame["subject_id"].unique())
+        self.subject_index = [self.subjects.index(s) for s in frame["subject_id"]]
+        classes = dict(zip(frame["subject_id"], frame["subject_text"]))
+        self.subject_classes = [classes[s] for s in self.subjects]
+        self.class_texts = list(frame["subject_text"])
+        self.prompts = [training_prompt(model, c, t, text_mode) for c, t in zip(frame["caption"], self.class_texts)]
+        self.features: FeatureCache | None = None
+        self.moments: FeatureCache | None = None
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def image(self, relative: str) -> np.ndarray:
+        return read_listed_rgb(self.root, relative, PAIRS_MANIFEST, "context")
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"index": i, "class_text": self.class_texts[i], "prompt": self.prompts[i]}
+        if self.features is not None:
+            item["image_embeds"] = self.features.get(self.input_hashes[i])
+        else:
+            item["pixels"] = self.processor([self.image(self.inputs[i])])[0]
+        if self.moments is not None:
+            item["moments"] = self.moments.get(self.target_hashes[i])
+        else:
+            item["target"] = BlipDiffusion.vae_pixels(self.image(self.targets[i]), self.resolution)
+        return item
+
+    def batch(self, rows) -> dict:
+        return default_collate([self[int(i)] for i in rows])
+
+    def rows_of(self, k: int) -> list[int]:
+        return [i for i, s in enumerate(self.subject_index) if s == k]
+
+    def use_cache(self, model, folder: Path, num_workers: int, is_main: bool) -> None:
+        """Compute (main process) or find the frozen networks' outputs for every file, then
+        read them instead of the images."""
+        latent_ns = f"vae-{module_hash(model.vae)}-{self.resolution}px"
+        p = self.processor
+        feature_ns = (f"image-{module_hash(model.qformer.visual_encoder)}-{p.size}-{p.crop_size}-"
+                      f"{params_tag((p.mean, p.std))}")
+        self.input_hashes = [file_sha256(self.root / r) for r in self.inputs]
+        self.target_hashes = [file_sha256(self.root / r) for r in self.targets]
+        features = FeatureCache(folder, feature_ns)
+        moments = FeatureCache(folder, latent_ns)
+        if is_main:
+            todo = sorted({i for i, h in enumerate(self.input_hashes) if not features.has(h)}
+                          | {i for i, h in enumerate(self.target_hashes) if not moments.has(h)})
+            if todo:
+                log.info("caching image features and latents of %d pairs in %s", len(todo), folder)
+            loader = make_loader(Subset(self, todo), batch_size=32, num_workers=num_workers)
+            with torch.no_grad():
+                for batch in loader:
+                    feats = model.qformer.visual_encoder(batch["pixels"].to(model.device, model.qformer.dtype))
+                    mom = model.latent_moments(batch["target"])
+                    for j, i in enumerate(batch["index"].tolist()):
+                        features.put(self.input_hashes[i], feats[j])
+                        moments.put(self.target_hashes[i], mom[j])
+        self.features, self.moments = features, moments

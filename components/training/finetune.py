@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from components.core import tracking
 from components.core.errors import BlipDiffError
 from components.model import finetuned
+from components.model.conditioning import encode_text, prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,9 @@ def reference_latents(model, images: list[np.ndarray], generator: torch.Generato
     return model.encode_latents(images, model.native_size, generator)
 
 
-def prompt_ids(model, subject: str, num_query_tokens: int) -> torch.Tensor:
+def subject_prompt_ids(model, subject: str, num_query: int) -> torch.Tensor:
     """Token ids of the fine-tuning prompt "a {subject}" (room left for the subject embeddings)."""
-    prompt = model.build_prompt("", subject, 1.0, 1).strip()
-    max_len = model.text_encoder.config.max_position_embeddings - num_query_tokens
-    return model.tokenizer([prompt], padding="max_length", truncation=True, max_length=max_len,
-                           return_tensors="pt").input_ids.to(model.device)
+    return prompt_ids(model.tokenizer, [model.build_prompt("", subject, 1.0, 1).strip()], model.text_length, num_query)
 
 
 def denoising_loss(model, embeds, ids, noise_scheduler, clean, noise, timesteps) -> torch.Tensor:
@@ -74,8 +72,7 @@ def denoising_loss(model, embeds, ids, noise_scheduler, clean, noise, timesteps)
     device = model.device
     clean, noise, timesteps = clean.to(device), noise.to(device), timesteps.to(device)
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-    text = model.text_encoder(ids.to(device), ctx_embeddings=embeds,
-                              ctx_begin_pos=model.ctx_begin_pos).last_hidden_state
+    text = encode_text(model.text_encoder, ids, embeds, model.ctx_begin_pos)
     pred = model.unet(noisy.to(model.unet.dtype), timesteps,
                       encoder_hidden_states=text.expand(clean.shape[0], -1, -1)).sample
     return F.mse_loss(pred.float(), noise.float())
@@ -107,7 +104,7 @@ def finetune(model, images: list[np.ndarray], subject: str, cfg: FinetuneConfig)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": params}, {"params": [embeds]}], lr=cfg.learning_rate)
 
-    ids = prompt_ids(model, subject, embeds.shape[1])
+    ids = subject_prompt_ids(model, subject, embeds.shape[1])
     result = FinetuneResult(subject_embeds=embeds)
     steps = noise_scheduler.config.num_train_timesteps
     device = model.device

@@ -1,5 +1,6 @@
 """What the training stages share: accelerate set-up, learning-rate schedules, per-step
-random draws, resumable checkpoints, peak memory.
+random draws, resumable checkpoints, the training loop, throughput and peak memory. The
+loop's test hooks (stop or kill after a step) are in `faults`.
 
 Every training stage runs under accelerate (`accelerate launch ... -m components.cli
 <stage>` for several processes). Each micro-batch draws its data, noise and timesteps
@@ -18,11 +19,9 @@ import functools
 import gc
 import json
 import logging
-import os
 import re
 import resource
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,15 +33,10 @@ import torch
 from components.core import tracking
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path, round_floats
+from components.training import faults
 from components.training.data import step_generator  # noqa: F401  (the stages' per-step draws)
 
 log = logging.getLogger(__name__)
-
-STOP_AFTER_ENV = "BLIPDIFF_STOP_AFTER_STEP"  # tests: end the run after this step, as a kill would
-# tests: "STAGE:STEP": after that step's checkpoint the process kills itself (SIGKILL), as the
-# OOM killer or a preempted machine would: no error handling runs. A resumed run starts after it.
-KILL_AFTER_ENV = "BLIPDIFF_KILL_AFTER_STEP"
-
 
 KEEP_CHECKPOINTS = 2
 
@@ -132,14 +126,23 @@ def finish(accelerator) -> None:
     accelerator.end_training()
 
 
-def stop_after_step() -> int | None:
-    return int(os.environ.get(STOP_AFTER_ENV, "0")) or None
-
-
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def throughput_metrics(seconds: float, steps_run: int, cfg, num_processes: int) -> dict[str, float]:
+    """A training run's time, throughput and peak memory (machine-dependent: MLflow only).
+    `steps_run` optimizer steps of `cfg.batch_size` x `cfg.gradient_accumulation_steps`
+    samples on each of `num_processes` processes took `seconds`."""
+    return {
+        "seconds_training": round(seconds, 3),
+        "seconds_per_step": round(seconds / max(steps_run, 1), 4),
+        "samples_per_s": round(steps_run * cfg.batch_size * cfg.gradient_accumulation_steps
+                               * num_processes / max(seconds, 1e-9), 3),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+    }
 
 
 def checkpoints(ckpt_root: Path) -> list[Path]:
@@ -257,7 +260,6 @@ def train_loop(accelerator, module, optimizer, lr_schedule, trainable: list, cfg
     and the seconds spent.
     """
     curve = [] if curve is None else curve
-    stop_after = stop_after_step()
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
@@ -289,14 +291,11 @@ def train_loop(accelerator, module, optimizer, lr_schedule, trainable: list, cfg
                      " ".join(f"{k} {v:.4f}" for k, v in recent.items()), rate)
         if after_step is not None:
             after_step(done)
-        if done % cfg.checkpoint_every == 0 or done == stop_after:
+        regular = done % cfg.checkpoint_every == 0
+        if regular:
             save_checkpoint(accelerator, done, fingerprint, ema, curve)
-        if f"{stage}:{done}" == os.environ.get(KILL_AFTER_ENV):
-            save_checkpoint(accelerator, done, fingerprint, ema, curve)
-            log.warning("step %d: killing this process (%s)", done, KILL_AFTER_ENV)
-            os.kill(os.getpid(), signal.SIGKILL)
-        if done == stop_after:
-            raise BlipDiffError(f"stopped after step {done} ({STOP_AFTER_ENV}); resume with --resume latest")
+        faults.after_step(stage, done, functools.partial(save_checkpoint, accelerator, done, fingerprint, ema, curve),
+                          regular)
     return history, time.perf_counter() - t0
 
 

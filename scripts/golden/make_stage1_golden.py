@@ -72,7 +72,7 @@ def make_inputs(out: Path) -> None:
     from safetensors.torch import save_file
 
     from components.model.tiny.blip_diffusion import build_tiny
-    from components.stages.pretrain_qformer import Stage1
+    from components.training.qformer_objectives import Stage1
 
     _single_threaded()
     model = build_tiny(SEED)
