@@ -12,7 +12,7 @@ import yaml
 
 from components.core import paths
 from components.stages import STAGES, runner
-from tests.imports import REPO, build, find_cycle
+from tests.helpers.imports import REPO, build, find_cycle
 
 # Lower number = lower layer; a module imports only from lower layers or from its own package.
 LAYERS = {

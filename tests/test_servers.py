@@ -1,4 +1,4 @@
-"""Local services on loopback (flows/servers.py): processes stopped with every child, a
+"""Local services on loopback (flows/servers.py, flows/supervisor.py): processes stopped with every child, a
 failing start that says why, `make serve` as a user runs it, the MLflow server on a real
 PostgreSQL, and the MLflow UI comparing two real stage runs in headless Chromium."""
 
@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 
 from components.core import tracking
 from flows import servers
 from scripts import mlflow_screenshot as shots
+from tests.helpers.servers import postgres_bin, postgres_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +64,8 @@ def test_a_service_that_never_answers_times_out_and_is_stopped(tmp_path):
     with pytest.raises(servers.ServiceError, match=r"(?s)silent not ready at http://127.0.0.1:9 after 2 s.*listening soon"):
         servers.start("silent", cmd, url="http://127.0.0.1:9", log_dir=tmp_path, ready=lambda: False, timeout=2)
     assert time.monotonic() - started < 30
-    assert not [p for p in servers._procs().values() if "listening soon" in servers._cmdline(p.pid)]
+    left = [p for p in psutil.process_iter(["cmdline"]) if "listening soon" in " ".join(p.info["cmdline"] or [])]
+    assert not left
 
 
 def test_postgres_uri_gets_the_installed_driver():
@@ -100,11 +103,11 @@ def test_mlflow_server_on_postgresql_tracks_a_stage(checkout, tmp_path):
     """The documented multi-user backend: a real PostgreSQL server (Debian's `postgresql`),
     `mlflow server` on it with proxied artifacts, two stage runs tracked to it; the runs are in
     PostgreSQL's tables and their artifacts in the artifacts folder."""
-    if servers.postgres_bin() is None:
+    if postgres_bin() is None:
         pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
     work, env = checkout
     artifacts = tmp_path / "artifacts"
-    with servers.postgres_server(log_dir=tmp_path) as (pg, uri), \
+    with postgres_server(log_dir=tmp_path) as (pg, uri), \
             servers.mlflow_server(uri, artifacts, log_dir=tmp_path) as ml:
         stage_env = {**env, "MLFLOW_TRACKING_URI": ml.url, "TQDM_DISABLE": "1"}
         _stage(work, stage_env, "ingest")

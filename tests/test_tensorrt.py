@@ -453,12 +453,6 @@ def test_network_flags_when_strongly_typed_is_gone(monkeypatch, export_dir, tmp_
 
 
 # ---------------------------------------------------------------- real TensorRT on a GPU
-def _require_trt():
-    ok, why = trtx.tensorrt_status()
-    if not ok:
-        pytest.skip(why)
-
-
 def _toy_unet_onnx(path: Path, hidden: int) -> None:
     """A graph with the UNet's inputs and output that computes in fp16 (as the fp16 export):
     noise_pred = 0.5 * sample + timestep + mean(encoder_hidden_states)."""
@@ -492,8 +486,8 @@ def _toy_unet_onnx(path: Path, hidden: int) -> None:
     onnx.save(model, str(path))
 
 
+@pytest.mark.gpu(tensorrt=True)
 def test_gpu_builds_runs_and_reuses_a_unet_engine(tmp_path):
-    _require_trt()
     export = tmp_path / "export"
     export.mkdir()
     _toy_unet_onnx(export / "unet.fp16.onnx", hidden=32)
@@ -521,9 +515,9 @@ def test_gpu_builds_runs_and_reuses_a_unet_engine(tmp_path):
     torch.testing.assert_close(out, 0.5 * inputs["sample"] + 3.0, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.gpu(tensorrt=True)
 def test_gpu_builds_the_exported_unet(tmp_path):
     """The export stage's own UNet (tiny or real) at small latents, when it has run here."""
-    _require_trt()
     export = REPO / "models" / "export"
     if not (export / "unet.fp16.onnx").is_file():
         pytest.skip(f"no exported UNet at {export} (run the export stage)")

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from components.core.config import PretrainQFormerConfig  # noqa: E402
 from components.model.tiny.blip_diffusion import build_tiny  # noqa: E402
-from components.stages.pretrain_qformer import Stage1  # noqa: E402
+from components.training.qformer_objectives import Stage1  # noqa: E402
 
 CAPTIONS = ("a red dog", "a blue cat", "the green toy", "a black cup", "an orange ball", "a white lamp")
 ROWS = [0, 1, 2, 3, 3, 4, 5, 1]  # rows 3|4 and 1|7 share a caption across the two halves

@@ -1,6 +1,6 @@
 """A static map of the project's imports, read with `ast`: every `import` and `from ... import`
 statement of every module (module level and inside functions alike), resolved to project
-modules. Used by test_layout.py for the layering rules and the DVC stage dependencies."""
+modules. Used by tests/test_architecture.py for the layering rules and the DVC stage dependencies."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import ast
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("components", "serving", "flows")
 
 
