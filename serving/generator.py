@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,47 +25,11 @@ import numpy as np
 import torch
 
 from components.core.errors import BlipDiffError
-from components.core.io import folder_hash
-from components.core.paths import REGISTRY_PREFIX
+from components.model import sources
 from components.model.blip_diffusion import BlipDiffusion, Networks
 from serving.backends import BACKENDS, EXPORT_FILE, OrtNetworks, TorchNetworks, TrtNetworks, read_export
 
 log = logging.getLogger(__name__)
-
-
-
-def source_kind(source: str | Path) -> str:
-    """"registry", "export", "model" or "hub"; a clear error when it is none of them."""
-    text = str(source)
-    if text.startswith(REGISTRY_PREFIX):
-        return "registry"
-    path = Path(text).expanduser()
-    if path.is_dir():
-        if (path / EXPORT_FILE).is_file():
-            return "export"
-        if (path / "model_index.json").is_file():
-            return "model"
-        raise BlipDiffError(f"{path}: neither a model folder (model_index.json) nor an export folder ({EXPORT_FILE})")
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.parent.is_dir():
-        return "hub"
-    raise BlipDiffError(f"{source}: model not found (a model folder, an export folder, models:/NAME@ALIAS or "
-                        "models:/NAME/VERSION)")
-
-
-def load_registered(uri: str, keep: list) -> tuple[BlipDiffusion, str, str]:
-    """The registered model, loaded as the registry's pyfunc loads it (its `load_context`:
-    frozen parts rebuilt from the recorded base); (model, hash of the artifact, version)."""
-    from mlflow.pyfunc import PythonModelContext
-
-    from components.model.registry import BlipDiffusionPyfunc, registered_checkpoint
-
-    tmp = tempfile.TemporaryDirectory(prefix="blipdiff-registry-")
-    keep.append(tmp)
-    checkpoint, version = registered_checkpoint(uri, Path(tmp.name))
-    pyfunc = BlipDiffusionPyfunc()
-    pyfunc.load_context(PythonModelContext(artifacts={"checkpoint": str(checkpoint)}, model_config=None))
-    keep.append(pyfunc)  # it holds the restored folder's temporary directory
-    return pyfunc.model, folder_hash(checkpoint), version
 
 
 def _exported_model_folder(export_dir: Path, source: str) -> Path | None:
@@ -86,8 +49,8 @@ def _torch_model_of_export(export_dir: Path, meta: dict) -> BlipDiffusion:
     folder = _exported_model_folder(export_dir, source)
     if folder is not None:
         return layout.load(folder)
-    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        return layout.load(source)  # a hub id
+    if sources.is_hub_id(source):
+        return layout.load(source)
     raise BlipDiffError(f"{export_dir}: the model it was exported from ({source!r}) is not here; give the model "
                         "folder, or use --backend onnxruntime / tensorrt with this export")
 
@@ -130,7 +93,6 @@ class Generator:
     source: str
     model_hash: str
     native_size: int
-    _keep: list = field(default_factory=list, repr=False)  # temporary folders the model lives in
 
     @classmethod
     def load(cls, source: str | Path, backend: str = "torch", device: str = "auto", dtype: str = "auto",
@@ -140,47 +102,39 @@ class Generator:
         for ONNX Runtime, `dtype` picks the graphs (auto: fp16 on CUDA, else fp32)."""
         if backend not in BACKENDS:
             raise BlipDiffError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        kind = source_kind(source)
-        if backend == "torch":
-            return cls._load_torch(str(source), kind, device, dtype)
-        if kind != "export":
-            raise BlipDiffError(f"backend {backend} runs an export folder (with {EXPORT_FILE}, e.g. models/onnx), "
-                                f"but {source} is a {'registered model' if kind == 'registry' else kind}: export it "
-                                "first (`dvc repro export`), or use --backend torch")
-        export_dir = Path(source).expanduser()
-        meta = read_export(export_dir)
+        with sources.resolve(source) as src:  # a registered model's download lives until the model is loaded
+            if backend == "torch":
+                return cls._load_torch(src, device, dtype)
+            if src.kind != "export":
+                raise BlipDiffError(f"backend {backend} runs an export folder (with {EXPORT_FILE}, e.g. models/onnx), "
+                                    f"but {source} is a {'registered model' if src.kind == 'registry' else src.kind}: "
+                                    "export it first (`dvc repro export`), or use --backend torch")
+        meta = read_export(src.path)
         if backend == "tensorrt":
-            networks = TrtNetworks(export_dir, engine_dir, trt_profile, build=build_engines)
+            networks = TrtNetworks(src.path, engine_dir, trt_profile, build=build_engines)
         else:
             if dtype not in ("auto", "fp32", "fp16"):
                 raise BlipDiffError(f"backend onnxruntime: dtype {dtype!r}; choose auto, fp32 or fp16")
-            networks = OrtNetworks(export_dir, providers, precision=dtype)
+            networks = OrtNetworks(src.path, providers, precision=dtype)
         model_hash = str((meta.get("model") or {}).get("hash", ""))
         native = int(meta.get("native_size") or 0)
-        return cls(serving_bundle(export_dir, meta), networks, backend, networks.provider, str(source), model_hash,
+        return cls(serving_bundle(src.path, meta), networks, backend, networks.provider, str(source), model_hash,
                    native)
 
     @classmethod
-    def _load_torch(cls, source: str, kind: str, device: str, dtype: str) -> "Generator":
+    def _load_torch(cls, src: sources.Source, device: str, dtype: str) -> "Generator":
         from components.model import layout
         from components.model.device import placement
 
         dev, dt = placement(device, dtype)
-        keep: list = []
-        if kind == "registry":
-            model, model_hash, version = load_registered(source, keep)
-            source = f"{source} ({version})"
-        elif kind == "export":
-            export_dir = Path(source).expanduser()
-            meta = read_export(export_dir)
-            model, model_hash = _torch_model_of_export(export_dir, meta), str(meta["model"]["hash"])
-        elif kind == "model":
-            model, model_hash = layout.load(source), folder_hash(Path(source).expanduser())
+        if src.kind == "export":
+            meta = read_export(src.path)
+            model, model_hash = _torch_model_of_export(src.path, meta), str(meta["model"]["hash"])
         else:
-            model, model_hash = layout.load(source), source
+            model, model_hash = layout.load(src.load_from), src.hash
         model.to(dev, dt)
         return cls(model, TorchNetworks(model), "torch", f"torch {dev.type} {str(dt).replace('torch.', '')}",
-                   source, model_hash, model.native_size, keep)
+                   src.describe(), model_hash, model.native_size)
 
     # ------------------------------------------------------------------ the model's API
     @property

@@ -17,7 +17,9 @@ import mlflow
 import pytest
 
 from components.core import tracking
+from components.core.paths import DREAMBENCH_ENV
 from flows import dvc_ops, servers
+from tests.helpers.servers import prefect_server, prefect_worker
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +69,7 @@ def test_deployment_runs_end_to_end(checkout, tmp_path):
     started = []
     with servers.mlflow_server(f"sqlite:///{tmp_path / 'mlflow-server.db'}", tmp_path / "mlartifacts",
                                log_dir=logs) as ml, \
-            servers.prefect_server(home=home, log_dir=logs) as pf:
+            prefect_server(home=home, log_dir=logs) as pf:
         started += [ml, pf]
         servers.deploy(pf.url, work, home=home, log_dir=logs)
         deployments = _post(f"{pf.url}/deployments/filter", {})
@@ -75,8 +77,10 @@ def test_deployment_runs_end_to_end(checkout, tmp_path):
         for d in deployments:  # prefect.yaml's pull step: the flow runs in the folder deployed from
             assert d["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
                                         {"directory": str(work.resolve())}}], d["pull_steps"]
-        worker_env = {"MLFLOW_TRACKING_URI": ml.url, "BLIPDIFF_RETRY_DELAY_S": "2"}
-        with servers.prefect_worker(api_url=pf.url, home=home, cwd=work, env=worker_env, log_dir=logs) as worker:
+        # the user's params (no test-only paths): DreamBench from the environment, as offline users give it
+        worker_env = {"MLFLOW_TRACKING_URI": ml.url, "BLIPDIFF_RETRY_DELAY_S": "2",
+                      DREAMBENCH_ENV: env[DREAMBENCH_ENV]}
+        with prefect_worker(api_url=pf.url, home=home, cwd=work, env=worker_env, log_dir=logs) as worker:
             started.append(worker)
             # two runs started together on one repository
             exp_run = _run_deployment(pf.url, home, work, 'overrides={"train_subject.steps": 4}')

@@ -14,7 +14,7 @@ from components.core.errors import BlipDiffError
 from components.evaluation import protocol
 from components.model.blip_diffusion import BlipDiffusion
 from components.stages import evaluate
-from tests import dreambench_mini
+from tests.helpers import dreambench_mini
 
 
 @pytest.fixture
@@ -235,8 +235,10 @@ def test_score_bad_input_is_one_clear_error(generated, bench_root, tmp_path, cap
 def test_a_negative_prompt_longer_than_the_text_encoder_is_truncated():
     """LAVIS's default negative prompt is 183 tokens for the tiny character-level tokenizer."""
     from components.core.config import NEGATIVE_PROMPT
+    from components.model.conditioning import encode_text, prompt_ids
     from components.model.tiny.blip_diffusion import build_tiny
 
     model = build_tiny(0)
     assert len(model.tokenizer(NEGATIVE_PROMPT).input_ids) > 77
-    assert model.encode_negative(NEGATIVE_PROMPT, 2).shape[:2] == (2, 77)
+    ids = prompt_ids(model.tokenizer, [NEGATIVE_PROMPT] * 2, model.text_length, 16, [False, False])
+    assert encode_text(model.text_encoder, ids, None, model.ctx_begin_pos).shape[:2] == (2, 77)

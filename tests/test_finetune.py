@@ -36,7 +36,7 @@ def _fixed_loss(model, embeds, images) -> float:
     t = torch.randint(0, 1000, (len(images),), generator=gen)
     sched = DDPMScheduler.from_config(model.scheduler.config)
     with torch.no_grad():
-        return ft.denoising_loss(model, embeds, ft.prompt_ids(model, "toy", embeds.shape[1]),
+        return ft.denoising_loss(model, embeds, ft.subject_prompt_ids(model, "toy", embeds.shape[1]),
                                  sched, latents, noise, t).item()
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from components.model.layout import load
+from tests.helpers.text_reference import encode_negative, encode_prompts
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "golden"
@@ -78,9 +79,9 @@ def test_text_embeddings_match(model, golden):
     built = model.build_prompt(call["prompt"][0], call["target_subject_category"][0],
                                call["prompt_strength"], call["prompt_reps"])
     assert built == inputs["built_prompt"][0]
-    cond = model.encode_prompts([built], tensors["query_embeds"])
+    cond = encode_prompts(model, [built], tensors["query_embeds"])
     assert (cond - tensors["text_embeds_cond"]).abs().max() < 1e-4
-    uncond = model.encode_negative(call["neg_prompt"], 1)
+    uncond = encode_negative(model, call["neg_prompt"], 1)
     assert (uncond - tensors["text_embeds_uncond"]).abs().max() < 1e-4
 
 

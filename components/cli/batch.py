@@ -78,13 +78,13 @@ def _defaults(args):
 
 def run(args):
     from serving import batch
-    from serving.generator import REGISTRY_PREFIX, Generator, source_kind
+    from components.core.paths import REGISTRY_PREFIX
+    from serving.generator import Generator
 
     defaults = _defaults(args)
     source = args.model or str(BLIP_DIFFUSION_DIR if args.backend == "torch" else EXPORT_DIR)
 
     def load():  # called once the manifest has been checked
-        source_kind(source)
         if source.startswith(REGISTRY_PREFIX):
             import mlflow
 

@@ -27,7 +27,7 @@ from components.core import tracking
 from components.core.config import params_preset
 from components.core.errors import BlipDiffError
 from components.data.images import MAX_PIXELS, read_subject_images
-from components.model import finetuned
+from components.model import finetuned, sources
 from components.model.device import resolve_device
 from components.model.presets import PRESETS, from_preset
 from components.training.finetune import FinetuneConfig, FinetuneResult, finetune, samples, save, summary
@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> FinetuneResult:
     if args.samples < 0 or args.sample_steps < 1:
         raise BlipDiffError(f"--samples must be >= 0 and --sample-steps >= 1, got {args.samples} and "
                             f"{args.sample_steps}")
+    if args.checkpoint:
+        sources.check(args.checkpoint, "--checkpoint", kinds=("model", "hub"))
     refs = read_subject_images(args.subject_image, max_pixels=args.max_image_pixels)
     device = resolve_device(args.device)
     preset = args.preset or params_preset()

@@ -24,7 +24,7 @@ from components.core.config import params_preset
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path
 from components.data.images import MAX_PIXELS, read_subject_images, save_png
-from components.model import finetuned, presets
+from components.model import finetuned, presets, sources
 from components.model.blip_diffusion import SCHEDULERS
 from components.model.device import DTYPES, placement
 from components.model.embeddings import load_embeddings, save_embeddings
@@ -97,6 +97,8 @@ def _validate(args) -> None:
         raise BlipDiffError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.finetuned and not (args.finetuned / finetuned.EMBEDDINGS_FILE).is_file():
         raise BlipDiffError(f"{args.finetuned}: not a fine-tuned subject folder (no {finetuned.EMBEDDINGS_FILE})")
+    if args.checkpoint:
+        sources.check(args.checkpoint, "--checkpoint", kinds=("model", "hub"))
 
 
 def _base(args) -> dict:
@@ -112,20 +114,9 @@ def _base(args) -> dict:
     return {"preset": params_preset(), "seed": 0}
 
 
-def run(args) -> list[dict]:
-    _validate(args)
-    # the user's images first: a bad one stops the run before any model is built
-    refs = read_subject_images(args.subject_image, max_pixels=args.max_image_pixels) if args.subject_image else []
-    device, dtype = placement(args.device, args.dtype)
-    base = _base(args)
-    start = time.perf_counter()
-    model = presets.from_base(base)
-    if args.finetuned:  # on the weights as built, before a cast changes their bytes
-        finetuned.check_base(model, args.finetuned, base)
-    model.to(device, dtype)
-    log.info("model %s on %s (%s) in %.1f s", finetuned.base_name(base), device, dtype,
-             time.perf_counter() - start)
-
+def _subject(args, model, refs) -> tuple:
+    """The subject embeddings (from reference images, saved embeddings or a fine-tuned
+    folder) and the source subject's class."""
     if args.embeddings or args.finetuned:
         if args.finetuned:
             embeds, meta = finetuned.apply(model, args.finetuned)
@@ -143,6 +134,24 @@ def run(args) -> list[dict]:
             save_embeddings(args.save_embeddings, embeds, {
                 "source_subject": source, "images": json.dumps([str(p) for p in args.subject_image])})
             log.info("saved subject embeddings to %s", args.save_embeddings)
+    return embeds, source
+
+
+def run(args) -> list[dict]:
+    _validate(args)
+    # the user's images first: a bad one stops the run before any model is built
+    refs = read_subject_images(args.subject_image, max_pixels=args.max_image_pixels) if args.subject_image else []
+    device, dtype = placement(args.device, args.dtype)
+    base = _base(args)
+    start = time.perf_counter()
+    model = presets.from_base(base)
+    if args.finetuned:  # on the weights as built, before a cast changes their bytes
+        finetuned.check_base(model, args.finetuned, base)
+    model.to(device, dtype)
+    log.info("model %s on %s (%s) in %.1f s", finetuned.base_name(base), device, dtype,
+             time.perf_counter() - start)
+
+    embeds, source = _subject(args, model, refs)
     target = args.target_subject or source
 
     height, width = args.height or model.native_size, args.width or model.native_size

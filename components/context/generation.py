@@ -28,7 +28,7 @@ from PIL import Image
 from components.context import matting
 from components.core.config import ContextConfig
 from components.core.errors import BlipDiffError
-from components.core.paths import CONTEXT_DIR
+from components.core.paths import CONTEXT_DIR, external_path
 from components.data.backgrounds import procedural_background
 from components.data.images import SkipImage, alpha_to_uint8, load_image, read_alpha, read_rgb, save_png
 
@@ -52,7 +52,7 @@ class Backgrounds:
         self.files: list[Path] = []
         self.skipped: Counter = Counter()
         if cfg.background_source == "folder":
-            folder = (root / cfg.background_dir).resolve()
+            folder = external_path(cfg.background_dir, root)
             if not folder.is_dir():
                 raise BlipDiffError(f"context.background_dir: {folder} not found")
             candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -40,7 +40,7 @@ class SyntheticSourceConfig(_Section):
 
 class DreamBenchSourceConfig(_Section):
     # A local copy of the DreamBooth dataset layout; null downloads the public archive.
-    path: str | None = "../shared/dreambench"
+    path: str | None = None  # null: $BLIPDIFF_DREAMBENCH, else the verified download
     url: str = "https://github.com/google/dreambooth/archive/refs/heads/main.zip"
     cache_dir: str = "~/.cache/blipdiff/dreambench"
 

@@ -5,6 +5,7 @@ holds them equal)."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 # ingest
@@ -21,11 +22,25 @@ BLIP_DIFFUSION_DIR = Path("models/blip_diffusion")
 EVAL_DIR = Path("reports/dreambench")
 # export (ONNX graphs, TensorRT engines; the parity report)
 EXPORT_DIR = Path("models/onnx")  # ONNX graphs (DVC output)
+EXPORT_FILE = "export.json"  # what makes a folder an export folder: its manifest
 ENGINES_DIR = Path("models/tensorrt")  # TensorRT engines: per GPU and TensorRT version, not DVC-tracked
 EXPORT_REPORT_DIR = Path("reports/export")
 
+OWN_FOLDERS = ("data", "models", "reports", "metrics")  # where the stages write: never a hub owner
 # A model in the MLflow registry: models:/NAME@ALIAS or models:/NAME/VERSION
 REGISTRY_PREFIX = "models:/"
+
+
+def is_hub_id(spec: str, root: Path | None = None) -> bool:
+    """The one hub-id rule: "owner/name" (exactly one slash, not starting with ".", "/" or
+    "~", not in the pipeline's own folders) where neither that path nor its parent is a
+    local folder (relative to `root`, else the working directory): `models/blip_diffusion`
+    not trained yet is a missing folder, not a hub id."""
+    text = str(spec)
+    local = Path(text).expanduser()
+    local = local if root is None or local.is_absolute() else root / local
+    return (text.count("/") == 1 and not text.startswith((".", "/", "~")) and text.split("/")[0] not in OWN_FOLDERS
+            and not local.exists() and not local.parent.is_dir())
 
 # Training checkpoints (git- and DVC-ignored), one folder per stage.
 CHECKPOINTS_DIR = Path("models/.checkpoints")
@@ -59,3 +74,33 @@ def checkpoint_root(root: Path, stage: str) -> Path:
     """Where `stage` keeps its training checkpoints for a run in `root`."""
     base = os.environ.get(CHECKPOINTS_ENV)
     return (Path(base) / stage) if base else root / checkpoint_dir(stage)
+
+
+def main_worktree(root: Path) -> Path:
+    """The repository's main working tree, also when a stage runs in a DVC experiment's
+    temporary copy (`dvc exp run --temp` / `--queue`: DVC sets DVC_ROOT to the parent
+    repository) or in a git worktree; else `root`."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    try:
+        out = subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        common = Path(out)
+        if common.name == ".git":
+            return common.parent
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return root.resolve()
+
+
+def external_path(value: str | Path, root: Path) -> Path:
+    """A path param naming something outside the pipeline's outputs (a dataset, a folder of
+    backgrounds): absolute or ~ as given; relative to the main working tree, so it means the
+    same in `dvc repro` and in an experiment's temporary copy of the repository."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (main_worktree(root) / path).resolve()
+
+
+# A local DreamBench copy (the DreamBooth dataset folder) when ingest.dreambench.path is null:
+# how tests, CI and offline machines skip the download.
+DREAMBENCH_ENV = "BLIPDIFF_DREAMBENCH"

@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from components.core.paths import main_worktree
+
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "BLIPDIFF_PARENT_RUN_ID"
@@ -36,20 +38,9 @@ EXPERIMENT_KIND = "custom_model_development"
 
 
 def store_root(root: Path) -> Path:
-    """Where the default store lives: the main working tree of the repository, also when a
-    stage runs in a DVC experiment's temporary copy (`dvc exp run --temp` / `--queue`: DVC
-    sets DVC_ROOT to the parent repository) or in a git worktree."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    try:
-        out = subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"], cwd=root,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        common = Path(out)
-        if common.name == ".git":
-            return common.parent
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return root.resolve()
+    """Where the default store lives: the main working tree of the repository (also for a
+    stage in a DVC experiment's temporary copy or in a git worktree)."""
+    return main_worktree(root)
 
 
 def tracking_uri(root: Path) -> str:

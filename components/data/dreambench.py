@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from components.core.config import DreamBenchSourceConfig
 from components.core.errors import BlipDiffError
+from components.core.paths import DREAMBENCH_ENV, external_path
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ def download(url: str, cache_dir: Path) -> Path:
         except OSError as exc:
             raise BlipDiffError(
                 f"could not download DreamBench from {url}: {exc}; "
-                "set ingest.dreambench.path to a local copy"
+                f"set {DREAMBENCH_ENV} (or ingest.dreambench.path) to a local copy"
             ) from None
         try:
             with zipfile.ZipFile(archive) as zf:
@@ -114,14 +116,17 @@ def download(url: str, cache_dir: Path) -> Path:
 
 
 def local_or_download(cfg: DreamBenchSourceConfig, root: Path, fallback: bool = False) -> Path:
-    """The dataset folder `ingest.dreambench` names: `path` (relative to the repository), or
-    the verified download when it is null. `fallback`: download also when `path` is absent."""
-    if cfg.path is not None:
-        path = (root / cfg.path).expanduser().resolve()
+    """The dataset folder `ingest.dreambench` names: `path` (relative paths from the main
+    working tree), else the folder in $BLIPDIFF_DREAMBENCH, else the verified download.
+    `fallback`: download also when the named folder is absent."""
+    setting = cfg.path if cfg.path is not None else os.environ.get(DREAMBENCH_ENV) or None
+    if setting is not None:
+        what = "ingest.dreambench.path" if cfg.path is not None else DREAMBENCH_ENV
+        path = external_path(setting, root)
         if path.is_dir():
             return path
         if not fallback:
-            raise BlipDiffError(f"ingest.dreambench.path: {path} not found; "
-                                "point it at a DreamBooth dataset folder, or set it to null to download")
-        log.warning("ingest.dreambench.path %s not found: using the verified download of %s", path, cfg.url)
+            raise BlipDiffError(f"{what}: {path} not found; point it at a DreamBooth dataset folder, "
+                                "or leave it unset (null) to download")
+        log.warning("%s: %s not found: using the verified download of %s", what, path, cfg.url)
     return download(cfg.url, Path(cfg.cache_dir).expanduser())

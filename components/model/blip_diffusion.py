@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from components.core.errors import BlipDiffError
+from components.model.conditioning import encode_text, prompt_ids
 from components.model.processor import ImageProcessorConfig
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class TorchNetworks:
 
     @property
     def text_length(self) -> int:
-        return int(self.model.text_encoder.config.max_position_embeddings)
+        return self.model.text_length
 
     @property
     def latent_channels(self) -> int:
@@ -99,21 +100,7 @@ class TorchNetworks:
                                   attention_mask.to(self.device))
 
     def text(self, input_ids, subject_embeds, has_subject):
-        te, num_query = self.model.text_encoder, subject_embeds.shape[1]
-        has = has_subject.to("cpu", torch.bool)
-
-        def run(ids, embeds, subject: bool):
-            if subject:  # the prompt's own ids: the subject embeddings take the last num_query positions
-                return te(ids[:, :ids.shape[1] - num_query].to(self.device), ctx_embeddings=embeds.to(te.dtype),
-                          ctx_begin_pos=self.model.ctx_begin_pos).last_hidden_state
-            return te(ids.to(self.device)).last_hidden_state
-
-        if has.all() or not has.any():
-            return run(input_ids, subject_embeds, bool(has.all()))
-        out = torch.empty(*input_ids.shape, te.config.hidden_size, device=self.device, dtype=te.dtype)
-        out[has.to(self.device)] = run(input_ids[has], subject_embeds[has.to(subject_embeds.device)], True)
-        out[~has.to(self.device)] = run(input_ids[~has], None, False)
-        return out
+        return encode_text(self.model.text_encoder, input_ids, subject_embeds, self.model.ctx_begin_pos, has_subject)
 
     def unet(self, sample, timestep, hidden):
         return self.model.unet(sample, timestep, encoder_hidden_states=hidden.to(self.model.unet.dtype)).sample
@@ -142,6 +129,11 @@ class BlipDiffusion:
     @property
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
+
+    @property
+    def text_length(self) -> int:
+        """The text encoder's positions (77): prompt ids and subject embeddings together."""
+        return int(self.text_encoder.config.max_position_embeddings)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -211,37 +203,12 @@ class BlipDiffusion:
         """The reference's prompt: "a {subject} {prompt}" repeated (strength x reps) times.
 
         The one prompt builder of the project: training (stage 2, fine-tuning), the learning
-        checks and generation all condition on its text, with the subject embeddings spliced
-        in at `ctx_begin_pos` (2: after the start token and "a").
+        checks and generation all condition on its text, tokenized and encoded by
+        `components.model.conditioning` with the subject embeddings spliced in at
+        `ctx_begin_pos` (2: after the start token and "a").
         """
         one = f"a {target_subject} {prompt.strip()}".strip()
         return ", ".join([one] * int(prompt_strength * prompt_reps))
-
-    def prompt_ids(self, prompts: list[str], num_query: int) -> torch.Tensor:
-        """Token ids (CPU) of built prompts, padded to the text length less `num_query` (the
-        room the subject embeddings take; 0 for a prompt without them)."""
-        max_len = self.text_encoder.config.max_position_embeddings - num_query
-        return self.tokenizer(prompts, padding="max_length", truncation=True, max_length=max_len,
-                              return_tensors="pt").input_ids
-
-    def encode_prompt_ids(self, ids: torch.Tensor, subject_embeds: torch.Tensor) -> torch.Tensor:
-        """Context text embeddings: prompt tokens with the subject embeddings (one per prompt,
-        or one shared) spliced in at `ctx_begin_pos`."""
-        embeds = subject_embeds.expand(len(ids), -1, -1) if len(subject_embeds) == 1 else subject_embeds
-        return self.text_encoder(ids.to(self.device), ctx_embeddings=embeds,
-                                 ctx_begin_pos=self.ctx_begin_pos).last_hidden_state
-
-    def encode_prompts(self, prompts: list[str], subject_embeds: torch.Tensor) -> torch.Tensor:
-        """Context text embeddings of built prompts (see `build_prompt`)."""
-        return self.encode_prompt_ids(self.prompt_ids(prompts, subject_embeds.shape[1]), subject_embeds)
-
-    def encode_negative(self, negative_prompt: str, count: int) -> torch.Tensor:
-        """The unconditional branch: the negative prompt alone, without subject embeddings."""
-        tokens = self.tokenizer([negative_prompt], padding="max_length", truncation=True,
-                                max_length=self.text_encoder.config.max_position_embeddings,
-                                return_tensors="pt")
-        embeds = self.text_encoder(tokens.input_ids.to(self.device)).last_hidden_state
-        return embeds.expand(count, -1, -1)
 
     def make_scheduler(self, name: str):
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
@@ -291,28 +258,9 @@ class BlipDiffusion:
         nets = TorchNetworks(self) if networks is None else networks
         sched = self.make_scheduler(scheduler)
         built = [self.build_prompt(p, t, prompt_strength, prompt_reps) for p, t in zip(prompts, targets)]
-        count, (num_query, hidden) = len(built), subject_embeds.shape[1:]
-        embeds = subject_embeds.to(nets.device)
-        embeds = embeds.expand(count, -1, -1) if len(embeds) == 1 else embeds
-        cond = nets.text(self._text_ids(built, num_query, nets.text_length), embeds,
-                         torch.ones(count, dtype=torch.bool))
         guided = guidance_scale > 1.0
-        if guided:  # the negative prompt alone, without subject embeddings, once for all images
-            negative = nets.text(self._text_ids([negative_prompt], 0, nets.text_length),
-                                 torch.zeros(1, num_query, hidden, device=nets.device, dtype=embeds.dtype),
-                                 torch.zeros(1, dtype=torch.bool))
-            text = torch.cat([negative.expand(count, -1, -1), cond])
-        else:
-            text = cond
-
-        factor = nets.vae_scale_factor
-        shape = (1, nets.latent_channels, height // factor, width // factor)
-        # One generator per image: an image depends on its seed only, not on the batch.
-        latents = torch.cat([
-            torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32)
-            for s in seeds
-        ]).to(nets.device, nets.dtype)
-        latents = latents * sched.init_noise_sigma
+        text = self.text_conditioning(nets, subject_embeds, built, negative_prompt if guided else None)
+        latents = self.initial_latents(nets, seeds, height, width) * sched.init_noise_sigma
         sched.set_timesteps(num_inference_steps, device=nets.device)
         steps = sched.timesteps
         if progress:
@@ -330,12 +278,29 @@ class BlipDiffusion:
         image = nets.vae_decode(latents / nets.scaling_factor)
         return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
 
-    def _text_ids(self, prompts: list[str], num_query: int, text_length: int) -> torch.Tensor:
-        """`text_length` token ids per prompt (CPU): tokenized to text_length - num_query ids (the
-        room the subject embeddings take; 0 without them) as `prompt_ids`, then padded."""
-        length = text_length - num_query
-        ids = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=length,
-                             return_tensors="pt").input_ids
-        if num_query:
-            ids = torch.cat([ids, ids.new_full((len(ids), num_query), self.tokenizer.pad_token_id)], 1)
-        return ids
+    def text_conditioning(self, nets: Networks, subject_embeds: torch.Tensor, built: list[str],
+                          negative_prompt: str | None) -> torch.Tensor:
+        """The UNet's text input for built prompts: (N, T, D), or (2N, T, D) with the negative
+        prompt's branch first (classifier-free guidance; encoded once, without subject
+        embeddings, for all images)."""
+        count, (num_query, hidden) = len(built), subject_embeds.shape[1:]
+        embeds = subject_embeds.to(nets.device)
+        embeds = embeds.expand(count, -1, -1) if len(embeds) == 1 else embeds
+        cond = nets.text(prompt_ids(self.tokenizer, built, nets.text_length, num_query), embeds,
+                         torch.ones(count, dtype=torch.bool))
+        if negative_prompt is None:
+            return cond
+        negative = nets.text(prompt_ids(self.tokenizer, [negative_prompt], nets.text_length, num_query, [False]),
+                             torch.zeros(1, num_query, hidden, device=nets.device, dtype=embeds.dtype),
+                             torch.zeros(1, dtype=torch.bool))
+        return torch.cat([negative.expand(count, -1, -1), cond])
+
+    @staticmethod
+    def initial_latents(nets: Networks, seeds: list[int], height: int, width: int) -> torch.Tensor:
+        """Unit-variance starting latents, one CPU generator per image: an image depends on
+        its seed only, not on the batch."""
+        factor = nets.vae_scale_factor
+        shape = (1, nets.latent_channels, height // factor, width // factor)
+        latents = torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)),
+                                         dtype=torch.float32) for s in seeds])
+        return latents.to(nets.device, nets.dtype)

@@ -17,6 +17,7 @@ import torch
 
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path
+from components.core.paths import is_hub_id
 from components.model.blip_diffusion import BlipDiffusion
 from components.model.processor import CLIP_MEAN, CLIP_STD, ImageProcessorConfig
 
@@ -179,7 +180,7 @@ def load(path_or_id: str | Path) -> BlipDiffusion:
     from components.model.text_encoder import ContextCLIPTextModel
 
     path = Path(path_or_id).expanduser()
-    if not path.exists() and "/" in str(path_or_id) and not str(path_or_id).startswith((".", "/")):
+    if is_hub_id(str(path_or_id)):
         from huggingface_hub import snapshot_download
 
         try:

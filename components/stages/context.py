@@ -59,9 +59,9 @@ SECTIONS = ("preset", "context")  # the params this stage reads (dvc.yaml `param
 OUTPUTS = (CONTEXT_DIR, PAIRS_MANIFEST)
 
 
-def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """Run the stage in `root`; return its metrics and a few sample images."""
-    cfg = params.context
+def read_subjects(cfg, root: Path) -> list[SubjectImage]:
+    """The ingested images, each with where its trimap comes from; errors for a missing
+    manifest, image or ground-truth mask."""
     subjects = read_manifest(root / SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
     if subjects.empty:
         raise BlipDiffError(f"{SUBJECTS_MANIFEST}: no subject images (run `blipdiff ingest`)")
@@ -75,13 +75,19 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
             f"context.mask_source=ground_truth, but {n} images have no mask in {SUBJECTS_MANIFEST}; "
             "use 'auto' or 'clipseg'"
         )
-    backgrounds = Backgrounds(cfg, root)
-    images = [
+    return [
         SubjectImage(index=i, image_path=r.image_path, mask_path=r.mask_path if isinstance(r.mask_path, str) else None,
                      subject_id=r.subject_id, class_name=r.class_name,
                      caption=r.caption if isinstance(r.caption, str) else None, split=r.split, source=source)
         for i, (r, source) in enumerate(zip(subjects.itertuples(index=False), sources))
     ]
+
+
+def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Run the stage in `root`; return its metrics and a few sample images."""
+    cfg = params.context
+    images = read_subjects(cfg, root)
+    backgrounds = Backgrounds(cfg, root)
     job = ContextJob(cfg, params.preset, root.resolve(), backgrounds, token=uuid.uuid4().hex)
     shards = make_shards(images, cfg.clipseg_batch_size)
 
@@ -108,11 +114,28 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
                 )
             frame = write_parquet(rows, root / PAIRS_MANIFEST, PAIRS_SCHEMA)
 
-    images_per_s = len(images) / seconds_shards
     log.info("read %d images, wrote %d pairs to %s and %s (%d skipped: %s)",
              len(images), len(frame), out_dir, PAIRS_MANIFEST, sum(stats.skipped.values()),
              dict(stats.skipped))
-    log.info("context %s: %.1f s, %.2f images/s", executor.name, seconds_shards, images_per_s)
+    log.info("context %s: %.1f s, %.2f images/s", executor.name, seconds_shards, len(images) / seconds_shards)
+    metrics = context_metrics(cfg, images, frame, stats, backgrounds)
+    # Per part: summed over every process that ran shards. These and the executor's keys go to
+    # MLflow only (runner.MACHINE_DEPENDENT): the DVC metrics file does not depend on where it ran.
+    for name, seconds in sorted(stats.seconds.items()):
+        metrics[f"seconds_{name}"] = round(seconds, 4)
+    metrics["seconds_shards"] = round(seconds_shards, 4)  # wall time of the per-image work
+    metrics["seconds_executor_start"] = round(seconds_start, 4)  # a LocalCluster's start, a connection
+    metrics["samples_per_s"] = round(len(images) / seconds_shards, 4)  # images/s
+    metrics["run_dask_workers"] = executor.workers  # 0: in the stage's process
+    metrics["run_dask_threads"] = executor.threads
+    metrics["run_dask_remote"] = int(executor.remote)  # 1: an existing cluster (dask.address)
+    metrics["run_clipseg_loads"] = stats.clipseg_loads  # in-process 1; on Dask at most one per worker
+    return metrics, samples
+
+
+def context_metrics(cfg, images: list[SubjectImage], frame, stats: ContextStats, backgrounds: Backgrounds) -> dict:
+    """What the stage read, matted, wrote and skipped (the machine-independent metrics)."""
+    trimaps = [im.source for im in images]
     metrics: dict[str, float] = {
         "images_read": len(images),
         "images_matted": len(stats.unknown_fractions) - sum(stats.skipped.values()),
@@ -121,8 +144,8 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
         "skipped_no_foreground": stats.skipped[matting.NO_FOREGROUND],
         "skipped_no_background": stats.skipped[matting.NO_BACKGROUND],
         "unknown_fraction_mean": float(np.mean(stats.unknown_fractions)),
-        "ground_truth_trimaps": sources.count("ground_truth"),
-        "clipseg_trimaps": sources.count("clipseg"),
+        "ground_truth_trimaps": trimaps.count("ground_truth"),
+        "clipseg_trimaps": trimaps.count("clipseg"),
     }
     if cfg.background_source == "folder":
         metrics["backgrounds_used"] = len(backgrounds.files)
@@ -130,18 +153,7 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
     if stats.sad:
         metrics["alpha_sad_mean"] = float(np.mean(stats.sad))
         metrics["alpha_mse_mean"] = float(np.mean(stats.mse))
-    # Per part: summed over every process that ran shards. These and the executor's keys go to
-    # MLflow only (runner.MACHINE_DEPENDENT): the DVC metrics file does not depend on where it ran.
-    for name, seconds in sorted(stats.seconds.items()):
-        metrics[f"seconds_{name}"] = round(seconds, 4)
-    metrics["seconds_shards"] = round(seconds_shards, 4)  # wall time of the per-image work
-    metrics["seconds_executor_start"] = round(seconds_start, 4)  # a LocalCluster's start, a connection
-    metrics["samples_per_s"] = round(images_per_s, 4)  # images/s
-    metrics["run_dask_workers"] = executor.workers  # 0: in the stage's process
-    metrics["run_dask_threads"] = executor.threads
-    metrics["run_dask_remote"] = int(executor.remote)  # 1: an existing cluster (dask.address)
-    metrics["run_clipseg_loads"] = stats.clipseg_loads  # in-process 1; on Dask at most one per worker
-    return metrics, samples
+    return metrics
 
 
 def _write_shard(result: ShardResult, tmp_dir: Path, rows: list[dict], stats: ContextStats,

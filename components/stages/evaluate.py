@@ -29,12 +29,13 @@ import pandas as pd
 from components.core import tracking
 from components.core.config import EvaluateConfig, Params
 from components.core.errors import BlipDiffError
-from components.core.io import atomic_path, folder_hash, round_floats, write_json
+from components.core.io import atomic_path, round_floats, write_json
 from components.core.paths import EVAL_DIR, REGISTRY_PREFIX
 from components.data import dreambench
 from components.data.images import read_subject_images, save_png
 from components.evaluation import protocol, report, scoring
 from components.evaluation.evaluators import Evaluators
+from components.model import sources
 from components.model.device import placement
 
 log = logging.getLogger(__name__)
@@ -49,32 +50,6 @@ OUTPUTS = (IMAGES_DIR, PER_IMAGE, DETAIL, REPORT)
 DATASETS = ((PER_IMAGE, "evaluation"),)  # MLflow dataset inputs: the scored images
 PLOTS = (PER_SUBJECT,)
 MODES = {"zero_shot": ["zero_shot"], "finetuned": ["finetuned"], "both": ["zero_shot", "finetuned"]}
-
-
-_REGISTRY_TMP: list = []  # the downloaded registered model lives as long as the stage run
-
-
-def model_source(cfg: EvaluateConfig, root: Path) -> tuple[str, str]:
-    """(what to load, its hash): a local folder hashes by its files, a registered model
-    (models:/NAME@ALIAS or models:/NAME/VERSION, e.g. the champion) by its artifact's files,
-    a hub id is its own key."""
-    if cfg.model.startswith(REGISTRY_PREFIX):
-        import tempfile
-
-        from components.model.registry import registered_folder
-
-        tmp = tempfile.TemporaryDirectory(prefix="blipdiff-evaluate-")
-        _REGISTRY_TMP.append(tmp)
-        folder, digest, version = registered_folder(cfg.model, Path(tmp.name))
-        log.info("%s is %s", cfg.model, version)
-        return str(folder), digest
-    local = (root / cfg.model).expanduser()
-    if local.is_dir():
-        return str(local), folder_hash(local)
-    if "/" in cfg.model and not cfg.model.startswith((".", "/")) and not Path(cfg.model).exists():
-        return cfg.model, cfg.model
-    raise BlipDiffError(f"evaluate.model: {local} not found (run `dvc repro train_subject`, or name a "
-                        "model folder, a registered model models:/NAME@ALIAS or a hub id)")
 
 
 def sampler(cfg: EvaluateConfig) -> dict:
@@ -203,18 +178,10 @@ def evaluator_ids(cfg: EvaluateConfig, preset: str) -> tuple[str, str, bool]:
     return dino, clip, dino == "tiny"
 
 
-def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    cfg = params.evaluate
-    # DreamBench's own photos, whatever the training data; a fresh clone without the local copy downloads it
-    bench = protocol.load(dreambench.local_or_download(params.ingest.dreambench, root, fallback=True))
-    subjects = protocol.choose_subjects(bench, cfg.subjects)
-    items = protocol.plan(bench, subjects, cfg.prompts_per_subject, cfg.images_per_prompt, cfg.seed)
-    dino_id, clip_id, tiny = evaluator_ids(cfg, params.preset)  # bad ids fail before generation
-    source, model_hash = model_source(cfg, root)
-    log.info("evaluating %s (%s): %d subjects, %d images per mode, modes %s", source, model_hash,
-             len(subjects), len(items), MODES[cfg.mode])
-
-    gen = Generation(cfg, bench, source, root)
+def generate_images(gen: Generation, items: list[protocol.Item], model_hash: str, root: Path):
+    """Every planned image of every mode, reusing those already written under the same key;
+    the images of other keys are removed. (rows, made, reused, stale, seconds)."""
+    cfg = gen.cfg
     rows, keep, made, reused = [], set(), 0, 0
     start = time.perf_counter()
     for mode in MODES[cfg.mode]:
@@ -235,6 +202,24 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
     gen_seconds = time.perf_counter() - start
     stale = prune(root, keep)
     log.info("generated %d images in %.1f s, reused %d, removed %d stale", made, gen_seconds, reused, stale)
+    return rows, made, reused, stale, gen_seconds
+
+
+def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    cfg = params.evaluate
+    # DreamBench's own photos, whatever the training data; a fresh clone without the local copy downloads it
+    bench = protocol.load(dreambench.local_or_download(params.ingest.dreambench, root, fallback=True))
+    subjects = protocol.choose_subjects(bench, cfg.subjects)
+    items = protocol.plan(bench, subjects, cfg.prompts_per_subject, cfg.images_per_prompt, cfg.seed)
+    dino_id, clip_id, tiny = evaluator_ids(cfg, params.preset)  # bad ids fail before generation
+    with sources.resolve(cfg.model, root, "evaluate.model", kinds=("model", "registry", "hub"),
+                         hint="run `dvc repro train_subject`, or name a model folder, a registered model "
+                              "models:/NAME@ALIAS or a hub id") as source:
+        log.info("evaluating %s (%s): %d subjects, %d images per mode, modes %s", source.describe(), source.hash,
+                 len(subjects), len(items), MODES[cfg.mode])
+        gen = Generation(cfg, bench, source.load_from, root)
+        rows, made, reused, stale, gen_seconds = generate_images(gen, items, source.hash, root)
+    model_hash = source.hash
 
     ev = Evaluators.build(None if tiny else dino_id, None if tiny else clip_id, tiny=tiny,
                           seed=cfg.seed, device=str(gen.device), batch_size=cfg.evaluator_batch_size)
@@ -253,7 +238,7 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
                     "seconds_per_image_generated": round(gen_seconds / made, 4) if made else 0.0,
                     "seconds_scoring": round(stats["seconds_scoring"], 3),
                     "samples_per_s_scoring": round(stats["scored_images_per_s"], 2)})
-    tracking.set_tags({"model_hash": model_hash, "evaluated_model": source, "dino_model": dino_id,
+    tracking.set_tags({"model_hash": model_hash, "evaluated_model": source.load_from, "dino_model": dino_id,
                        "clip_model": clip_id})
     return metrics, grids(root, per_image)
 

@@ -8,7 +8,7 @@ unet and vae_decoder as `<name>.onnx` (weights in `<name>.onnx.data` past 2 GB) 
 graphs: model source and hash, input/output names and dynamic axes, ctx_begin_pos, sizes,
 scaling factor, scheduler config) and the tokenizers, scheduler and image processor config,
 so an export folder serves on its own. The gate: every fp32 graph within its tolerance of
-PyTorch fp32 on seeded random inputs at another batch size (`components.export.onnx_graphs`);
+PyTorch fp32 on seeded random inputs at another batch size (`components.export.parity`);
 otherwise the stage fails naming the graph and writes nothing. `reports/export/parity.json`
 has the numbers of every graph, fp16 ones included (reported, not gated).
 """
@@ -29,7 +29,9 @@ from components.core.config import ExportConfig, Params
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path, folder_hash, round_floats, write_json
 from components.core.paths import ENGINES_DIR, EXPORT_DIR, EXPORT_REPORT_DIR
-from components.export import onnx_graphs
+from components.export import graphs as export_graphs
+from components.export import onnx_export, parity
+from components.model import sources
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +48,11 @@ def model_source(cfg: ExportConfig, preset: str, root: Path) -> tuple[str, str, 
     id is its own key, null is the preset's model."""
     if cfg.model is None:
         return f"preset {preset}", f"preset:{preset}:seed0", None
-    local = (root / cfg.model).expanduser()
-    if local.is_dir():  # named as configured (relative to the repository): export.json stays the same bytes
-        return cfg.model, folder_hash(local), local
-    # "owner/name" is a hub id unless its parent is a local folder (models/blip_diffusion not yet trained)
-    if cfg.model.count("/") == 1 and not cfg.model.startswith((".", "/", "~")) and not local.parent.is_dir():
-        return cfg.model, cfg.model, None
-    raise BlipDiffError(f"export.model: {local} not found (run `dvc repro train_subject`, or name a model folder "
-                        "or hub id, or null for the preset's model)")
+    # named as configured (relative to the repository), so export.json stays the same bytes
+    with sources.resolve(cfg.model, root, "export.model", kinds=("model", "hub"),
+                         hint="run `dvc repro train_subject`, or name a model folder or hub id, or null for the "
+                              "preset's model") as source:
+        return source.spec, source.hash, source.path
 
 
 def load_model(cfg: ExportConfig, preset: str, source: str, folder: Path | None):
@@ -115,10 +114,10 @@ def manifest(model, cfg: ExportConfig, source: str, model_hash: str, graphs: dic
     import onnxruntime
     import torch
 
-    dims = onnx_graphs.Dims.of(model)
+    dims = export_graphs.Dims.of(model)
     return {
         "model": {"source": source, "hash": model_hash},
-        "exporter": onnx_graphs.EXPORTER, "opset": cfg.opset,
+        "exporter": onnx_export.EXPORTER, "opset": cfg.opset,
         "versions": {"torch": torch.__version__.split("+")[0], "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},
         "graphs": graphs,
@@ -165,11 +164,11 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
     start = time.perf_counter()
     with atomic_path(root / EXPORT_DIR) as out:
-        graphs = onnx_graphs.export_all(model, out, cfg.opset, cfg.batch, cfg.fp16, device, cfg.parity_seed)
+        graphs = onnx_export.export_all(model, out, cfg.opset, cfg.batch, cfg.fp16, device, cfg.parity_seed)
         seconds_export = time.perf_counter() - start
-        report = onnx_graphs.check_parity(model, out, graphs, batch=cfg.batch + 1, seed=cfg.parity_seed)
+        report = parity.check_parity(model, out, graphs, batch=cfg.batch + 1, seed=cfg.parity_seed)
         seconds_parity = time.perf_counter() - start - seconds_export
-        onnx_graphs.gate(report)  # raises naming the graph: nothing is written
+        parity.gate(report)  # raises naming the graph: nothing is written
         files = write_serving_files(model, out)
         write_json(manifest(model, cfg, source, model_hash, graphs, files), out / MANIFEST.name)
     write_json(parity_report(report, cfg), root / PARITY)

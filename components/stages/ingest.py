@@ -11,6 +11,7 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from components.core.config import IngestConfig, Params
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path
-from components.core.paths import SUBJECTS_DIR, SUBJECTS_MANIFEST
+from components.core.paths import SUBJECTS_DIR, SUBJECTS_MANIFEST, external_path
 from components.data import dreambench, images, sources
 from components.data.images import alpha_to_uint8, save_png
 from components.data.manifests import SUBJECTS_SCHEMA, relpath, write_parquet
@@ -39,27 +40,64 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return ingest_subjects(params.ingest, root)
 
 
-def ingest_subjects(cfg: IngestConfig, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """Ingest into `root` (the repo); return the metrics and a few sample images."""
-    skipped: Counter = Counter()
-    extra_files: dict[str, dict] = {}
+def list_candidates(cfg: IngestConfig, root: Path, skipped: Counter) -> tuple[Iterable, dict[str, dict]]:
+    """The source's candidate images, and extra files to write beside them (DreamBench's
+    prompt and class lists)."""
     if cfg.source == "synthetic":
-        candidates = sources.synthetic_candidates(cfg)
-    elif cfg.source == "dreambench":
+        return sources.synthetic_candidates(cfg), {}
+    if cfg.source == "dreambench":
         src = dreambench.local_or_download(cfg.dreambench, root)
         info = dreambench.parse_prompts_and_classes(src / dreambench.PROMPTS_FILE)
         log.info("DreamBench at %s: %d subjects in the class list", src, len(info.classes))
         candidates = sources.folder_candidates(src, cfg, info.classes, info.category, skipped)
-        extra_files["dreambench_prompts.json"] = {
-            "object": info.object_prompts,
-            "live": info.live_prompts,
-            "classes": info.classes,
-        }
-    else:
-        src = (root / cfg.folder.path).resolve()
-        classes = sources.read_classes_csv(root / cfg.folder.classes_csv) if cfg.folder.classes_csv else None
-        candidates = sources.folder_candidates(src, cfg, classes, lambda _: None, skipped)
+        prompts = {"object": info.object_prompts, "live": info.live_prompts, "classes": info.classes}
+        return candidates, {"dreambench_prompts.json": prompts}
+    src = external_path(cfg.folder.path, root)
+    classes = sources.read_classes_csv(external_path(cfg.folder.classes_csv, root)) if cfg.folder.classes_csv \
+        else None
+    return sources.folder_candidates(src, cfg, classes, lambda _: None, skipped), {}
 
+
+def write_image(cand, image, index: int, tmp_dir: Path) -> dict:
+    """One normalised image (and its mask) under `tmp_dir`; its manifest row."""
+    name = f"{cand.subject_id}/{index:02d}.png"
+    image_path = tmp_dir / "images" / name
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(image.rgb, image_path)
+    mask_rel = None
+    if image.alpha is not None:
+        mask_path = tmp_dir / "masks" / name
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(alpha_to_uint8(image.alpha), mask_path)
+        mask_rel = (SUBJECTS_DIR / "masks" / name).as_posix()
+    h, w = image.rgb.shape[:2]
+    return {"subject_id": cand.subject_id, "class_name": cand.class_name, "category": cand.category,
+            "image_path": (SUBJECTS_DIR / "images" / name).as_posix(), "mask_path": mask_rel, "split": "train",
+            "content_hash": image.content_hash, "width": w, "height": h, "caption": cand.caption,
+            "source_path": cand.source_path}
+
+
+def check_skipped(cfg: IngestConfig, skipped: Counter, found: int, written: int) -> float:
+    """The unreadable fraction; an error when nothing is usable or too much is unreadable."""
+    unreadable = sum(skipped[r] for r in UNREADABLE)
+    fraction = unreadable / found if found else 1.0
+    if not written:
+        raise BlipDiffError(f"ingest ({cfg.source}): no usable image found ({dict(skipped)})")
+    if fraction > cfg.max_skipped_fraction:
+        counted = ", ".join(f"{r} {skipped[r]}" for r in UNREADABLE if skipped[r])
+        other = ", ".join(f"{r} {n}" for r, n in sorted(skipped.items()) if r not in UNREADABLE and n)
+        raise BlipDiffError(
+            f"ingest: {unreadable} of {found} files unreadable ({counted}; {fraction:.1%}), more than "
+            f"ingest.max_skipped_fraction={cfg.max_skipped_fraction}"
+            + (f" (also skipped, not counted: {other})" if other else "")
+        )
+    return fraction
+
+
+def ingest_subjects(cfg: IngestConfig, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Ingest into `root` (the repo); return the metrics and a few sample images."""
+    skipped: Counter = Counter()
+    candidates, extra_files = list_candidates(cfg, root, skipped)
     out_dir, manifest = root / SUBJECTS_DIR, root / SUBJECTS_MANIFEST
     rows: list[dict] = []
     hashes: dict[str, str] = {}
@@ -76,56 +114,18 @@ def ingest_subjects(cfg: IngestConfig, root: Path) -> tuple[dict, dict[str, np.n
                 skipped[skip.reason] += 1
                 log.warning("skipped %s", skip)
                 continue
-            digest = image.content_hash
-            if digest in hashes:
+            if image.content_hash in hashes:
                 skipped[images.DUPLICATE] += 1
-                log.warning("skipped %s: duplicate of %s", cand.source_path, hashes[digest])
+                log.warning("skipped %s: duplicate of %s", cand.source_path, hashes[image.content_hash])
                 continue
-            hashes[digest] = cand.source_path
-            index = per_subject[cand.subject_id]
+            hashes[image.content_hash] = cand.source_path
+            rows.append(write_image(cand, image, per_subject[cand.subject_id], tmp_dir))
             per_subject[cand.subject_id] += 1
-            name = f"{cand.subject_id}/{index:02d}.png"
-            image_path = tmp_dir / "images" / name
-            image_path.parent.mkdir(parents=True, exist_ok=True)
-            save_png(image.rgb, image_path)
-            mask_rel = None
-            if image.alpha is not None:
-                mask_path = tmp_dir / "masks" / name
-                mask_path.parent.mkdir(parents=True, exist_ok=True)
-                save_png(alpha_to_uint8(image.alpha), mask_path)
-                mask_rel = (SUBJECTS_DIR / "masks" / name).as_posix()
-            h, w = image.rgb.shape[:2]
-            rows.append(
-                {
-                    "subject_id": cand.subject_id,
-                    "class_name": cand.class_name,
-                    "category": cand.category,
-                    "image_path": (SUBJECTS_DIR / "images" / name).as_posix(),
-                    "mask_path": mask_rel,
-                    "split": "train",
-                    "content_hash": digest,
-                    "width": w,
-                    "height": h,
-                    "caption": cand.caption,
-                    "source_path": cand.source_path,
-                }
-            )
         # A subject whose every file was skipped is empty too.
         for subject in offered - set(per_subject):
             skipped[images.EMPTY_SUBJECT] += 1
             log.warning("skipped subject %s: %s (no usable image)", subject, images.EMPTY_SUBJECT)
-        unreadable = sum(skipped[r] for r in UNREADABLE)
-        fraction = unreadable / found if found else 1.0
-        if not rows:
-            raise BlipDiffError(f"ingest ({cfg.source}): no usable image found ({dict(skipped)})")
-        if fraction > cfg.max_skipped_fraction:
-            counted = ", ".join(f"{r} {skipped[r]}" for r in UNREADABLE if skipped[r])
-            other = ", ".join(f"{r} {n}" for r, n in sorted(skipped.items()) if r not in UNREADABLE and n)
-            raise BlipDiffError(
-                f"ingest: {unreadable} of {found} files unreadable ({counted}; {fraction:.1%}), more than "
-                f"ingest.max_skipped_fraction={cfg.max_skipped_fraction}"
-                + (f" (also skipped, not counted: {other})" if other else "")
-            )
+        fraction = check_skipped(cfg, skipped, found, len(rows))
         assign_splits(rows, cfg.test_views_per_subject)
         for name, data in extra_files.items():
             (tmp_dir / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
