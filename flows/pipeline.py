@@ -42,12 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 
 from components.core import tracking
 from components.core.paths import CHECKPOINTS_ENV, RESUME_ENV  # checkpoints outside DVC's temporary copy
-from flows import dvc_ops
+from flows import dvc_ops, reports
 
 REPO = Path(__file__).resolve().parents[1]
 RETRIES = 2
@@ -168,48 +167,6 @@ def experiment_name(flow_run_name: str, root: Path) -> str:
     return name
 
 
-def ui_url(uri: str) -> str:
-    """Where the MLflow UI of this tracking store is: the server itself, or what `make serve`
-    / `mlflow ui` starts for a local store (MLFLOW_UI_URL overrides it)."""
-    if os.environ.get("MLFLOW_UI_URL"):
-        return os.environ["MLFLOW_UI_URL"].rstrip("/")
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-
-
-def _stage_runs(root: Path, parent_run_id: str) -> dict[str, Any]:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking.tracking_uri(root))
-    runs = client.search_runs([tracking.experiment_id(root)], f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                              order_by=["attributes.start_time ASC"])
-    return {run.info.run_name: run for run in runs}
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def metrics_markdown(title: str, outcome: dict[str, str], metrics: dict[str, dict], links: dict[str, str],
-                     header: list[str]) -> str:
-    """The artifact: per stage its outcome, its MLflow run and a table of its DVC metrics."""
-    lines = [f"# {title}", "", *header, ""]
-    for stage, state in outcome.items():
-        link = f" · [MLflow run]({links[stage]})" if stage in links else ""
-        lines += [f"## {stage}: {state}{link}", ""]
-        values = metrics.get(stage) or {}
-        if values:
-            lines += ["| metric | value |", "|---|---|"]
-            lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(values.items()) if not isinstance(v, (dict, list))]
-        else:
-            lines.append("(no metrics)")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _artifact_key(text: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:60] or "run"
-
-
 @flow(name="blip-diffusion-pipeline", log_prints=True)
 def pipeline(stages: list[str] | None = None, overrides: dict[str, Any] | None = None,
              root: str = str(REPO)) -> dict[str, Any]:
@@ -244,7 +201,7 @@ def run_stages(stages: list[str] | None, overrides: dict[str, Any] | None, root:
     """The body of both flows, in the calling flow run (no subflow: the MLflow parent run, the
     DVC experiment and the artifacts are named after the flow run a user started).
     `single_item`: the stages alone, not the stages they depend on (`dvc repro -s`)."""
-    from prefect.runtime import deployment, flow_run
+    from prefect.runtime import flow_run
 
     logger = get_run_logger()
     rootp = Path(root)
@@ -258,18 +215,7 @@ def run_stages(stages: list[str] | None, overrides: dict[str, Any] | None, root:
         dvc_ops.check_overrides(rootp, overrides)  # unknown keys or bad values fail here, clearly
     run_name = flow_run.name or "local"
     mode = "exp" if overrides else "repro"
-    from components.core.config import load_params
-
-    params = load_params(rootp / "params.yaml", dvc_ops.override_args(overrides)).model_dump()
-    tags = {"git_commit": tracking.git_commit(rootp), "git_dirty": tracking.git_dirty(rootp),
-            "prefect_flow_run_id": str(flow_run.id or ""), "prefect_flow_run_name": run_name,
-            "prefect_deployment": str(deployment.name or ""), "dvc_mode": mode,
-            "stages": ",".join(targets) or "all"}
-    parent_state = open_parent_run(root, "pipeline", tags, params, return_state=True)
-    parent_run_id = parent_state.result() if parent_state.is_completed() else None
-    if parent_run_id is None:
-        logger.warning("MLflow could not be reached: the stage runs are not nested under a flow run")
-
+    parent_run_id = _parent_run(rootp, targets, overrides, mode, run_name)
     limit = repo_limit_name(rootp)
     ensure_repo_limit(limit)
     env_extra = {tracking.FLOW_RUN_ENV: str(flow_run.id or ""),
@@ -284,22 +230,9 @@ def run_stages(stages: list[str] | None, overrides: dict[str, Any] | None, root:
             if waited > 1:
                 logger.info("waited %.0f s for the repository (another flow run held %s)", waited, limit)
             started = time.time()
-            if mode == "exp":
-                name = experiment_name(run_name, rootp)
-                if parent_run_id:
-                    _set_parent_tag(rootp, parent_run_id, "dvc_experiment", name)
-                label = f"dvc exp run -n {name}{' -s' * single_item} " + " ".join(dvc_ops.override_args(overrides))
-                result = dvc_task(label, "exp", targets, overrides, name, root, env_extra, single_item)
-            else:
-                label = f"dvc repro{' -s' * single_item}" + "".join(f" {t}" for t in targets)
-                result = dvc_task(label, "repro", targets, {}, None, root, env_extra, single_item)
+            result, outcome, metrics = _drive_dvc(rootp, all_stages, targets, overrides, mode, run_name,
+                                                  parent_run_id, env_extra, single_item)
             finished = time.time()
-            # the stages this run covered, in pipeline order: what ran, and what DVC found up to date
-            covered = targets or all_stages
-            order = [s for s in all_stages if s in covered or s in result["ran"]]
-            outcome = {s: ("ran" if s in result["executed"] else
-                           "restored from the run cache" if s in result["ran"] else "up to date") for s in order}
-            metrics = dvc_ops.metrics(rootp, order, rev=result["rev"] if mode == "exp" else None)
         status = "FINISHED"
     finally:
         if parent_run_id:
@@ -307,8 +240,49 @@ def run_stages(stages: list[str] | None, overrides: dict[str, Any] | None, root:
     summary = {"mode": "experiment" if mode == "exp" else "repro", "experiment": result.get("experiment"),
                "rev": result["rev"], "outcome": outcome, "started": started, "finished": finished,
                "waited_s": round(waited, 1), "mlflow_run_id": parent_run_id}
-    _report(rootp, summary, metrics, parent_run_id, run_name)
+    reports.publish(rootp, summary, metrics, parent_run_id, run_name)
     return summary
+
+
+def _parent_run(rootp: Path, targets: list[str], overrides: dict[str, Any], mode: str, run_name: str) -> str | None:
+    """The flow run's MLflow parent run (its params as the stages will read them), or None
+    when MLflow cannot be reached."""
+    from prefect.runtime import deployment, flow_run
+
+    from components.core.config import load_params
+
+    params = load_params(rootp / "params.yaml", dvc_ops.override_args(overrides)).model_dump()
+    tags = {"git_commit": tracking.git_commit(rootp), "git_dirty": tracking.git_dirty(rootp),
+            "prefect_flow_run_id": str(flow_run.id or ""), "prefect_flow_run_name": run_name,
+            "prefect_deployment": str(deployment.name or ""), "dvc_mode": mode,
+            "stages": ",".join(targets) or "all"}
+    parent_state = open_parent_run(str(rootp), "pipeline", tags, params, return_state=True)
+    parent_run_id = parent_state.result() if parent_state.is_completed() else None
+    if parent_run_id is None:
+        get_run_logger().warning("MLflow could not be reached: the stage runs are not nested under a flow run")
+    return parent_run_id
+
+
+def _drive_dvc(rootp: Path, all_stages: list[str], targets: list[str], overrides: dict[str, Any], mode: str,
+               run_name: str, parent_run_id: str | None, env_extra: dict[str, str], single_item: bool):
+    """`dvc repro` or a DVC experiment for the targets; (result, each stage's outcome, metrics)."""
+    root = str(rootp)
+    if mode == "exp":
+        name = experiment_name(run_name, rootp)
+        if parent_run_id:
+            _set_parent_tag(rootp, parent_run_id, "dvc_experiment", name)
+        label = f"dvc exp run -n {name}{' -s' * single_item} " + " ".join(dvc_ops.override_args(overrides))
+        result = dvc_task(label, "exp", targets, overrides, name, root, env_extra, single_item)
+    else:
+        label = f"dvc repro{' -s' * single_item}" + "".join(f" {t}" for t in targets)
+        result = dvc_task(label, "repro", targets, {}, None, root, env_extra, single_item)
+    # the stages this run covered, in pipeline order: what ran, and what DVC found up to date
+    covered = targets or all_stages
+    order = [s for s in all_stages if s in covered or s in result["ran"]]
+    outcome = {s: ("ran" if s in result["executed"] else
+                   "restored from the run cache" if s in result["ran"] else "up to date") for s in order}
+    metrics = dvc_ops.metrics(rootp, order, rev=result["rev"] if mode == "exp" else None)
+    return result, outcome, metrics
 
 
 def _set_parent_tag(root: Path, run_id: str, key: str, value: str) -> None:
@@ -327,65 +301,6 @@ def _close_parent(root: Path, run_id: str, status: str) -> None:
         mlflow.MlflowClient(tracking.tracking_uri(root)).set_terminated(run_id, status)
     except Exception as exc:
         get_run_logger().warning("MLflow: could not close the flow run (%s)", exc)
-
-
-def _report(root: Path, summary: dict, metrics: dict[str, dict], parent_run_id: str | None, run_name: str) -> None:
-    """Prefect artifacts (metrics per stage with MLflow links; the evaluation report) and the
-    parent MLflow run's summary (each stage's metrics as `<stage>.<name>`, outcome.json)."""
-    import mlflow
-
-    logger = get_run_logger()
-    uri = tracking.tracking_uri(root)
-    base = ui_url(uri)
-    links: dict[str, str] = {}
-    stage_runs: dict[str, Any] = {}
-    try:
-        if parent_run_id:
-            stage_runs = _stage_runs(root, parent_run_id)
-            experiment = tracking.experiment_id(root)
-            links = {name: f"{base}/#/experiments/{experiment}/runs/{run.info.run_id}"
-                     for name, run in stage_runs.items()}
-            client = mlflow.MlflowClient(uri)
-            flat = {f"{stage}.{k}": float(v) for stage, values in metrics.items() for k, v in values.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            items = [Metric(k, v, now, 0) for k, v in flat.items()]
-            for i in range(0, len(items), 500):
-                client.log_batch(parent_run_id, metrics=items[i:i + 500])
-            client.log_dict(parent_run_id, summary, "outcome.json")
-    except Exception as exc:
-        logger.warning("MLflow: could not summarise the flow run (%s)", exc)
-    header = [f"- mode: **{summary['mode']}**" + (f", DVC experiment `{summary['experiment']}` "
-                                                  f"(`dvc exp show`)" if summary["experiment"] else ""),
-              f"- revision: `{summary['rev'][:12]}`"]
-    if parent_run_id:
-        header.append(f"- MLflow: [flow run]({base}/#/experiments/{tracking.experiment_id(root)}/runs/{parent_run_id})")
-    key = _artifact_key(f"pipeline-{run_name}")
-    create_markdown_artifact(metrics_markdown(f"blip-diffusion pipeline: {run_name}", summary["outcome"], metrics,
-                                              links, header), key=key, description="each stage's metrics")
-    if "evaluate" in summary["outcome"]:
-        _evaluation_artifact(root, summary, metrics.get("evaluate") or {}, stage_runs.get("evaluate"), base, run_name)
-
-
-def _evaluation_artifact(root: Path, summary: dict, values: dict, run, base: str, run_name: str) -> None:
-    """The DreamBench summary as markdown, and links to the full HTML report (an artifact of
-    the evaluate MLflow run; in the working tree too when the run was a plain repro)."""
-    rows = [(k, v) for k, v in sorted(values.items()) if k.endswith(("_dino", "_clip_i", "_clip_t"))]
-    lines = ["# DreamBench evaluation", "", "| score | value |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in rows]]
-    if run is not None:
-        report = f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts/dreambench/report.html"
-        lines += ["", f"Full report (per subject, with images): [report.html in MLflow]({report})"]
-        tags = run.data.tags
-        if tags.get("promotion_decision"):
-            lines += ["", f"Registry: **{tags['promotion_decision']}** — {tags.get('promotion_reason', '')}"]
-        create_link_artifact(report, link_text="DreamBench report (MLflow)", key=_artifact_key(f"report-{run_name}"),
-                             description="the evaluation's HTML report")
-    if summary["mode"] == "repro":
-        lines += ["", f"In the working tree: `{root / 'reports/dreambench/report.html'}`"]
-    create_markdown_artifact("\n".join(lines), key=_artifact_key(f"evaluation-{run_name}"),
-                             description="DreamBench scores of this flow run")
 
 
 if __name__ == "__main__":
