@@ -38,6 +38,7 @@ HOST = "127.0.0.1"
 POOL = "blip-diffusion"  # the Prefect process work pool of this project
 BIN = Path(sys.executable).parent  # this venv's mlflow, prefect
 
+
 def free_port(host: str = HOST) -> int:
     """A TCP port free on `host` now (another process may take it before it is used)."""
     with socket.socket() as s:
@@ -136,7 +137,6 @@ def launch_prefect_server(port: int | None = None, home: str | Path | None = Non
                  timeout=timeout)
 
 
-
 def prefect(args: Sequence[str], api_url: str, *, home: str | Path | None = None, cwd: Path | None = None,
             env: dict[str, str] | None = None, timeout: float = 300.0) -> subprocess.CompletedProcess:
     """Run the `prefect` CLI against `api_url` (no prompts) in `cwd`; output captured. PWD is
@@ -198,7 +198,6 @@ def launch_prefect_worker(pool: str = POOL, api_url: str = f"http://{HOST}:4200/
                  env=_prefect_env(api_url, home, env), timeout=timeout,
                  ready=(lambda: _worker_online(api_url, pool, name)) if wait else None,
                  stop_signals=(signal.SIGINT, signal.SIGINT))
-
 
 
 # --------------------------------------------------------------------------- make serve

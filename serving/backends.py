@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from components.core.errors import BlipDiffError
-from components.core.paths import ENGINES_DIR
+from components.core.paths import ENGINES_DIR, EXPORT_FILE
 from components.export import tensorrt as trtx
 from components.export.graphs import GRAPHS, SPECS
 from components.model.blip_diffusion import TorchNetworks
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 OUTPUTS = {graph: spec.outputs[0] for graph, spec in SPECS.items()}  # each graph's one output
-EXPORT_FILE = "export.json"
 
 __all__ = ["BACKENDS", "OrtNetworks", "TorchNetworks", "TrtNetworks", "chunks", "output_shape", "read_export",
            "select_engines"]

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from components.core.errors import BlipDiffError
+from components.core.paths import EXPORT_FILE
 from components.model import sources
 from components.model.blip_diffusion import BlipDiffusion, Networks
-from serving.backends import BACKENDS, EXPORT_FILE, OrtNetworks, TorchNetworks, TrtNetworks, read_export
+from serving.backends import BACKENDS, OrtNetworks, TorchNetworks, TrtNetworks, read_export
 
 log = logging.getLogger(__name__)
 
@@ -102,23 +103,25 @@ class Generator:
         for ONNX Runtime, `dtype` picks the graphs (auto: fp16 on CUDA, else fp32)."""
         if backend not in BACKENDS:
             raise BlipDiffError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        with sources.resolve(source) as src:  # a registered model's download lives until the model is loaded
-            if backend == "torch":
+        if backend == "torch":
+            with sources.resolve(source) as src:  # a registered model's download lives until the model is loaded
                 return cls._load_torch(src, device, dtype)
-            if src.kind != "export":
-                raise BlipDiffError(f"backend {backend} runs an export folder (with {EXPORT_FILE}, e.g. models/onnx), "
-                                    f"but {source} is a {'registered model' if src.kind == 'registry' else src.kind}: "
-                                    "export it first (`dvc repro export`), or use --backend torch")
-        meta = read_export(src.path)
+        kind = sources.check(source, "model")
+        if kind != "export":
+            raise BlipDiffError(f"backend {backend} runs an export folder (with {EXPORT_FILE}, e.g. models/onnx), "
+                                f"but {source} is a {'registered model' if kind == 'registry' else kind}: "
+                                "export it first (`dvc repro export`), or use --backend torch")
+        export_dir = Path(source).expanduser()
+        meta = read_export(export_dir)
         if backend == "tensorrt":
-            networks = TrtNetworks(src.path, engine_dir, trt_profile, build=build_engines)
+            networks = TrtNetworks(export_dir, engine_dir, trt_profile, build=build_engines)
         else:
             if dtype not in ("auto", "fp32", "fp16"):
                 raise BlipDiffError(f"backend onnxruntime: dtype {dtype!r}; choose auto, fp32 or fp16")
-            networks = OrtNetworks(src.path, providers, precision=dtype)
+            networks = OrtNetworks(export_dir, providers, precision=dtype)
         model_hash = str((meta.get("model") or {}).get("hash", ""))
         native = int(meta.get("native_size") or 0)
-        return cls(serving_bundle(src.path, meta), networks, backend, networks.provider, str(source), model_hash,
+        return cls(serving_bundle(export_dir, meta), networks, backend, networks.provider, str(source), model_hash,
                    native)
 
     @classmethod

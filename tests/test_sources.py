@@ -77,3 +77,15 @@ def test_a_registered_model_lives_in_a_temporary_folder_owned_by_the_block(tmp_p
             held = src.path
             raise RuntimeError
     assert not held.exists()
+
+
+def test_naming_the_kind_hashes_nothing_and_a_folder_is_hashed_once_when_asked(tmp_path, monkeypatch):
+    """An export folder can hold gigabytes of weights: `check` and a `resolve` whose hash is
+    never read must not read them."""
+    export = _folder(tmp_path, "models/onnx", "export.json")
+    hashed = []
+    monkeypatch.setattr(sources, "folder_hash", lambda path: hashed.append(path) or "h")
+    assert sources.check(export, "x") == "export" and hashed == []
+    with sources.resolve(export) as src:
+        assert src.kind == "export" and hashed == []
+        assert src.hash == src.hash == "h" and hashed == [export]

@@ -31,16 +31,22 @@ OWN_FOLDERS = ("data", "models", "reports", "metrics")  # where the stages write
 REGISTRY_PREFIX = "models:/"
 
 
+def local_path(spec: str | Path, root: Path | None = None) -> Path:
+    """`spec` as a local path: absolute or ~ as given, else relative to `root` (when given)."""
+    path = Path(spec).expanduser()
+    return path if root is None or path.is_absolute() else root / path
+
+
 def is_hub_id(spec: str, root: Path | None = None) -> bool:
     """The one hub-id rule: "owner/name" (exactly one slash, not starting with ".", "/" or
     "~", not in the pipeline's own folders) where neither that path nor its parent is a
     local folder (relative to `root`, else the working directory): `models/blip_diffusion`
     not trained yet is a missing folder, not a hub id."""
     text = str(spec)
-    local = Path(text).expanduser()
-    local = local if root is None or local.is_absolute() else root / local
+    local = local_path(text, root)
     return (text.count("/") == 1 and not text.startswith((".", "/", "~")) and text.split("/")[0] not in OWN_FOLDERS
             and not local.exists() and not local.parent.is_dir())
+
 
 # Training checkpoints (git- and DVC-ignored), one folder per stage.
 CHECKPOINTS_DIR = Path("models/.checkpoints")

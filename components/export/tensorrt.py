@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path, file_sha256, write_json
+from components.core.paths import EXPORT_FILE
 from components.export.graphs import GRAPHS, SPECS
 
 log = logging.getLogger(__name__)
@@ -352,7 +353,7 @@ def build_engines(export_dir: Path, out_dir: Path, profile: str | Profile = "sta
         raise BlipDiffError(f"cannot build TensorRT engines: {why}")
     prof = get_profile(profile)
     if dims is None:
-        meta_path = export_dir / "export.json"
+        meta_path = export_dir / EXPORT_FILE
         dims = ModelDims.from_export(json.loads(meta_path.read_text()) if meta_path.is_file() else None)
     trt = _import_trt()
     info = device_info()

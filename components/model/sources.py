@@ -10,12 +10,18 @@ A spec is
 - a hub id, "owner/name": kind "hub", no local folder, the id is its own key.
 
 One hub-id rule (`components.core.paths.is_hub_id`, also used by `layout.load`): exactly
-one slash, not starting with ".", "/" or "~", and neither the path nor its parent is a
-local folder (so `models/blip_diffusion`, not trained yet, is a missing folder).
+one slash, not starting with ".", "/" or "~", not in the pipeline's own folders, and
+neither the path nor its parent is a local folder (so `models/blip_diffusion`, not trained
+yet, is a missing folder).
+
+`check` names the kind without downloading or hashing anything; a folder's hash is computed
+when first asked for (an export folder can hold gigabytes of weights that a caller never
+needs hashed).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from contextlib import contextmanager
@@ -25,7 +31,7 @@ from typing import Iterator
 
 from components.core.errors import BlipDiffError
 from components.core.io import folder_hash
-from components.core.paths import EXPORT_FILE, REGISTRY_PREFIX, is_hub_id
+from components.core.paths import EXPORT_FILE, REGISTRY_PREFIX, is_hub_id, local_path
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +41,20 @@ NAMES = {"model": "a model folder", "export": "an export folder",
          "registry": "a registered model models:/NAME@ALIAS or models:/NAME/VERSION", "hub": "a hub id owner/name"}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Source:
     spec: str  # as given (relative paths stay relative: what the stages record)
     kind: str  # one of KINDS
     path: Path | None  # the local folder; None for a hub id
-    hash: str  # content hash of the folder or registered artifact; the id for a hub model
     version: str | None = None  # "NAME version N" for a registered model
+    digest: str | None = None  # the hash when known up front (a registered artifact's)
+
+    @functools.cached_property
+    def hash(self) -> str:
+        """Content hash of the folder (or the registered artifact); the id for a hub model."""
+        if self.digest is not None:
+            return self.digest
+        return folder_hash(self.path) if self.path is not None else self.spec
 
     @property
     def load_from(self) -> str:
@@ -50,11 +63,6 @@ class Source:
 
     def describe(self) -> str:
         return f"{self.spec} ({self.version})" if self.version else self.spec
-
-
-def _local(spec: str, root: Path | None) -> Path:
-    path = Path(spec).expanduser()
-    return path if root is None or path.is_absolute() else root / path
 
 
 def folder_kind(path: Path) -> str:
@@ -66,6 +74,33 @@ def folder_kind(path: Path) -> str:
     raise BlipDiffError(f"{path}: neither a model folder ({MODEL_FILE}) nor an export folder ({EXPORT_FILE})")
 
 
+def _classify(spec: str, root: Path | None, what: str, kinds: tuple[str, ...], hint: str) -> tuple[str, Path | None]:
+    """(kind, local folder or None), from names and the file system alone; the clear error
+    when `spec` names nothing or a kind the caller does not take."""
+    if spec.startswith(REGISTRY_PREFIX):
+        kind, local = "registry", None
+    else:
+        local = local_path(spec, root)
+        if local.is_dir():
+            kind = folder_kind(local)
+        elif is_hub_id(spec, root):
+            kind, local = "hub", None
+        else:
+            hint = hint or "give " + " or ".join(NAMES[k] for k in kinds)
+            raise BlipDiffError(f"{what}: {local} not found ({hint})")
+    if kind not in kinds:
+        raise BlipDiffError(f"{what}: {spec} is {NAMES[kind].split(' models:/')[0]}; give "
+                            + " or ".join(NAMES[k] for k in kinds))
+    return kind, local
+
+
+def check(spec: str | Path, what: str, kinds: tuple[str, ...] = KINDS, root: Path | None = None,
+          hint: str = "") -> str:
+    """The kind `spec` names, or the clear error `resolve` would give; nothing is downloaded
+    or hashed."""
+    return _classify(str(spec), root, what, kinds, hint)[0]
+
+
 @contextmanager
 def resolve(spec: str | Path, root: Path | None = None, what: str = "model",
             kinds: tuple[str, ...] = KINDS, hint: str = "") -> Iterator[Source]:
@@ -74,40 +109,13 @@ def resolve(spec: str | Path, root: Path | None = None, what: str = "model",
     to do when nothing is found; `kinds` are the ones the caller accepts. A registered
     model's temporary folder is removed on exit."""
     text = str(spec)
-    if text.startswith(REGISTRY_PREFIX):
-        _accept("registry", text, what, kinds)
-        from components.model.registry import registered_folder
-
-        with tempfile.TemporaryDirectory(prefix="blipdiff-registry-") as tmp:
-            folder, digest, version = registered_folder(text, Path(tmp))
-            log.info("%s is %s", text, version)
-            yield Source(text, "registry", folder, digest, version)
+    kind, local = _classify(text, root, what, kinds, hint)
+    if kind != "registry":
+        yield Source(text, kind, local)
         return
-    local = _local(text, root)
-    if local.is_dir():
-        kind = folder_kind(local)
-        _accept(kind, text, what, kinds)
-        yield Source(text, kind, local, folder_hash(local))
-        return
-    if is_hub_id(text, root):
-        _accept("hub", text, what, kinds)
-        yield Source(text, "hub", None, text)
-        return
-    hint = hint or "give " + " or ".join(NAMES[k] for k in kinds)
-    raise BlipDiffError(f"{what}: {local} not found ({hint})")
+    from components.model.registry import registered_folder
 
-
-def _accept(kind: str, spec: str, what: str, kinds: tuple[str, ...]) -> None:
-    if kind not in kinds:
-        raise BlipDiffError(f"{what}: {spec} is {NAMES[kind].split(' models:/')[0]}; give "
-                            + " or ".join(NAMES[k] for k in kinds))
-
-
-def check(spec: str | Path, what: str, kinds: tuple[str, ...] = KINDS, root: Path | None = None) -> str:
-    """The kind of a local or hub source, or the clear error `resolve` gives (a registered
-    model is only named here, not downloaded)."""
-    if str(spec).startswith(REGISTRY_PREFIX):
-        _accept("registry", str(spec), what, kinds)
-        return "registry"
-    with resolve(spec, root, what, kinds) as source:
-        return source.kind
+    with tempfile.TemporaryDirectory(prefix="blipdiff-registry-") as tmp:
+        folder, digest, version = registered_folder(text, Path(tmp))
+        log.info("%s is %s", text, version)
+        yield Source(text, "registry", folder, version, digest)

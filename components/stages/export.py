@@ -28,7 +28,7 @@ from components.core import tracking
 from components.core.config import ExportConfig, Params
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path, folder_hash, round_floats, write_json
-from components.core.paths import ENGINES_DIR, EXPORT_DIR, EXPORT_REPORT_DIR
+from components.core.paths import ENGINES_DIR, EXPORT_DIR, EXPORT_FILE, EXPORT_REPORT_DIR
 from components.export import graphs as export_graphs
 from components.export import onnx_export, parity
 from components.model import sources
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SECTIONS = ("preset", "export")
 PARITY = EXPORT_REPORT_DIR / "parity.json"
-MANIFEST = EXPORT_DIR / "export.json"
+MANIFEST = EXPORT_DIR / EXPORT_FILE
 OUTPUTS = (EXPORT_DIR, PARITY)
 # The export folder goes into the MLflow run up to this size; above, export.json only.
 ARTIFACT_LIMIT_BYTES = 200 * 1024**2
