@@ -44,7 +44,8 @@ def user_folder(tmp_path):
 def test_folder_ingest_counts_every_skip(tmp_path, user_folder):
     root = tmp_path / "repo"
     root.mkdir()
-    metrics, _ = ingest.ingest_subjects(_folder_cfg(user_folder, max_skipped_fraction=0.5), root)
+    metrics, _ = ingest.ingest_subjects(_folder_cfg(user_folder, max_skipped_fraction=0.5,
+                                                    test_views_per_subject=1), root)
     frame = read_manifest(root / paths.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
     assert metrics["files_found"] == 8
     assert metrics["images_written"] == 5 and len(frame) == 5

@@ -80,11 +80,14 @@ def test_cropped_closed_form_equals_full_solution():
     assert np.abs(ours - bare).max() < 1e-4
 
 
-@pytest.mark.parametrize("size,max_side,bound", [(128, None, 0.01), (256, 128, 0.05)])
+@pytest.mark.parametrize("size,max_side,bound", [(128, None, 0.02), (256, 128, 0.05)])
 def test_matting_from_ground_truth_trimap_is_accurate(size, max_side, bound):
     """Broken matting (alpha 0.5 in the band: MSE about 0.22, or fg/bg swapped) fails these.
 
-    Measured here: full resolution MSE 0.004, half resolution 0.022 (unknown band of 3 px).
+    Measured here (unknown band of 3 px), the first 4 default subjects: full resolution MSE
+    0.0146 (five views at most 0.019; the black lamp's thin stem, narrower than the band,
+    0.055), half resolution under 0.05. (With the earlier subject table's first 4, no thin
+    parts: 0.004 and 0.022.)
     """
     sads, mses, base_mses = [], [], []
     for index in range(0, 16, 3):

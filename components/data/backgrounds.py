@@ -12,6 +12,24 @@ import colorsys
 import numpy as np
 
 KINDS: tuple[str, ...] = ("gradient", "stripes", "checker", "blobs", "noise", "rings")
+# How captions and prompts name each kind: "... on a striped background".
+BACKGROUND_PHRASES: dict[str, str] = {"gradient": "gradient", "stripes": "striped", "checker": "checkered",
+                                     "blobs": "blotchy", "noise": "noisy", "rings": "ringed"}
+
+
+def scene(kind: str) -> str:
+    """The context words for a background kind: "on a striped background"."""
+    return f"on a {BACKGROUND_PHRASES[kind]} background"
+
+
+def without_scene(caption: str) -> str:
+    """A caption without its scene: "a red star-shaped toy with dots on a striped background"
+    -> "a red star-shaped toy with dots" (unchanged when it names none)."""
+    for kind in KINDS:
+        suffix = " " + scene(kind)
+        if caption.endswith(suffix):
+            return caption[: -len(suffix)]
+    return caption
 
 
 def _colour(rng: np.random.Generator) -> np.ndarray:

@@ -58,7 +58,7 @@ def synthetic_candidates(cfg: IngestConfig) -> Iterator[Candidate]:
             class_name=subject.class_name,
             source_path=f"synthetic://{subject.subject_id}/{view.view_index:02d}",
             load=lambda v=view: images.cap_size(images.LoadedImage(rgb=v.image, alpha=v.alpha), cfg.max_side),
-            caption=subject.caption,
+            caption=view.caption,
         )
 
 

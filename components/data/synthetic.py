@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy.interpolate import PchipInterpolator
 
-from components.data.backgrounds import KINDS, procedural_background
+from components.data.backgrounds import KINDS, procedural_background, scene
 
 MIN_IMAGE_SIZE = 32
 _SUPERSAMPLE = 4  # mask rendered at 4x then box-filtered: 17 alpha levels along edges
@@ -47,6 +47,12 @@ class SyntheticView:
     view_index: int
     image: np.ndarray  # HxWx3 uint8 RGB: subject composited on its background
     alpha: np.ndarray  # HxW float32 in [0, 1], ground-truth matte of the subject
+    background: str = "gradient"  # the background's kind (components.data.backgrounds.KINDS)
+
+    @property
+    def caption(self) -> str:
+        """The subject's caption and its scene: "a red star-shaped toy with dots on a striped background"."""
+        return f"{self.subject.caption} {scene(self.background)}"
 
 
 # Saturated, well-separated hues plus white and black; backgrounds are muted, so these pop.
@@ -68,22 +74,24 @@ _COLOURS: dict[str, tuple[int, int, int]] = {
 }
 
 # (colour, shape, texture, class_name, caption). Every colour, shape and texture appears
-# exactly once, so any subset of subjects is pairwise distinct in all three.
+# exactly once, so any subset of subjects is pairwise distinct in all three; the 14
+# subjects share 4 class words (toy 4, pillow 3, badge 3, vase 4), so the class word
+# alone never tells a subject from the others of its class: the subject embeddings must.
 _TABLE: tuple[tuple[str, str, str, str, str], ...] = (
     ("red", "star", "dots", "toy", "a red star-shaped toy with dots"),
-    ("blue", "circle", "stripes", "ball", "a blue ball with stripes"),
-    ("green", "vase", "checker", "vase", "a green vase with a checker pattern"),
-    ("orange", "square", "grid", "box", "an orange square box with a grid pattern"),
-    ("purple", "triangle", "zigzag", "hat", "a purple triangular hat with zigzags"),
+    ("blue", "circle", "stripes", "toy", "a blue round toy with stripes"),
+    ("purple", "triangle", "zigzag", "toy", "a purple triangular toy with zigzags"),
+    ("magenta", "ring", "speckle", "toy", "a magenta ring-shaped toy with sprinkles"),
     ("yellow", "heart", "spiral", "pillow", "a yellow heart-shaped pillow with a spiral"),
-    ("cyan", "diamond", "split", "kite", "a two-tone cyan diamond-shaped kite"),
-    ("brown", "shield", "rays", "shield", "a brown shield with rays"),
-    ("magenta", "ring", "speckle", "donut", "a magenta ring-shaped donut with sprinkles"),
-    ("teal", "hexagon", "rings", "coaster", "a teal hexagonal coaster with concentric rings"),
-    ("pink", "crescent", "noise", "cushion", "a pink crescent-shaped cushion with a mottled pattern"),
-    ("lime", "bottle", "solid", "bottle", "a plain lime-green bottle"),
-    ("white", "cup", "bricks", "cup", "a white cup with a brick pattern"),
-    ("black", "lamp", "waves", "lamp", "a black lamp with wavy lines"),
+    ("pink", "crescent", "noise", "pillow", "a pink crescent-shaped pillow with a mottled pattern"),
+    ("orange", "square", "grid", "pillow", "an orange square pillow with a grid pattern"),
+    ("brown", "shield", "rays", "badge", "a brown shield-shaped badge with rays"),
+    ("teal", "hexagon", "rings", "badge", "a teal hexagonal badge with concentric rings"),
+    ("cyan", "diamond", "split", "badge", "a two-tone cyan diamond-shaped badge"),
+    ("green", "vase", "checker", "vase", "a green vase with a checker pattern"),
+    ("lime", "bottle", "solid", "vase", "a plain lime-green bottle-shaped vase"),
+    ("white", "cup", "bricks", "vase", "a white cup-shaped vase with a brick pattern"),
+    ("black", "lamp", "waves", "vase", "a black lamp-shaped vase with wavy lines"),
 )
 
 # Objects that stand on a base only tilt a little; symmetric flat objects spin freely.
@@ -101,14 +109,21 @@ def _check_seed(seed: int) -> int:
 
 
 def make_subjects(num_subjects: int, seed: int) -> list[SyntheticSubject]:
-    """The first `num_subjects` of a seeded shuffle of the subject table.
+    """The first `num_subjects` of a seeded, class-balanced order of the subject table.
 
-    Subject k is the same for any num_subjects > k, and all are distinct in colour,
-    shape and texture.
+    The order deals the classes round-robin (each class's subjects and the classes
+    themselves shuffled by the seed), so the first 4k subjects hold k of every class for
+    k <= 3: 12 subjects are 3 toys, 3 pillows, 3 badges and 3 vases. Subject k is the same
+    for any num_subjects > k, and all are distinct in colour, shape and texture.
     """
     if not 1 <= int(num_subjects) <= len(_TABLE):
         raise ValueError(f"num_subjects must be in [1, {len(_TABLE)}], got {num_subjects}")
-    order = np.random.default_rng([_check_seed(seed), _STREAM_SUBJECTS]).permutation(len(_TABLE))
+    rng = np.random.default_rng([_check_seed(seed), _STREAM_SUBJECTS])
+    classes = sorted({row[3] for row in _TABLE})
+    by_class = {c: [i for i, row in enumerate(_TABLE) if row[3] == c] for c in classes}
+    queues = [list(rng.permutation(by_class[c])) for c in classes]
+    queues = [queues[i] for i in rng.permutation(len(queues))]
+    order = [q[r] for r in range(max(map(len, queues))) for q in queues if r < len(q)]
     subjects = []
     for i in order[: int(num_subjects)]:
         colour, shape, texture, class_name, caption = _TABLE[int(i)]
@@ -436,7 +451,7 @@ def _render_view(
 
     a = alpha[..., None]
     image = np.clip(np.rint(a * fg + (1.0 - a) * bg), 0, 255).astype(np.uint8)
-    return SyntheticView(subject=subject, view_index=view_index, image=image, alpha=alpha)
+    return SyntheticView(subject=subject, view_index=view_index, image=image, alpha=alpha, background=kind)
 
 
 def _check_subject(subject: SyntheticSubject) -> None:
