@@ -70,9 +70,14 @@ def test_dvc_repro_evaluate_end_to_end_then_resume(checkout):
     photos when ../shared is there); a forced re-run reuses every image (persisted output)."""
     import json
 
+    import yaml
+
     work, env = checkout
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["evaluate"]["benchmark"] = "dreambench"  # the tiny default scores the held-out views instead
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _sh("dvc repro evaluate", work, env)
-    assert "Running stage 'train_subject'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'base'" in out and "Running stage 'train_subject'" in out and "Running stage 'evaluate'" in out
     metrics = json.loads(_sh("dvc metrics show --json", work, env))
     flat = json.dumps(metrics)
     for key in ("zero_shot_dino", "zero_shot_clip_i", "zero_shot_clip_t", "oracle_dino", "oracle_clip_i"):

@@ -91,7 +91,8 @@ def _root(tmp_path, bench_root, **evaluate_cfg):
     if not (root / "models/blip_diffusion").is_dir():
         layout.save(build_tiny(0), root / "models/blip_diffusion")
     cfg = {"subjects": 2, "prompts_per_subject": 2, "images_per_prompt": 2, "steps": 2, **evaluate_cfg}
-    params = parse_params({"ingest": {"dreambench": {"path": str(bench_root)}}, "evaluate": cfg})
+    params = parse_params({"ingest": {"dreambench": {"path": str(bench_root)}},
+                           "evaluate": {"benchmark": "dreambench", **cfg}})
     return root, params
 
 
@@ -153,11 +154,13 @@ def test_finetuned_mode_trains_per_subject_then_generates(tmp_path, bench_root):
 
 
 def test_evaluate_refuses_a_missing_model_and_mixed_evaluators(tmp_path, bench_root):
-    params = parse_params({"ingest": {"dreambench": {"path": str(bench_root)}}})
+    params = parse_params({"ingest": {"dreambench": {"path": str(bench_root)}},
+                           "evaluate": {"benchmark": "dreambench"}})
     with pytest.raises(BlipDiffError, match="evaluate.model: .*not found.*dvc repro train_subject"):
         evaluate.run(params, tmp_path)
     params = parse_params({"ingest": {"dreambench": {"path": str(bench_root)}},
-                           "evaluate": {"dino_model": "tiny", "clip_model": "openai/clip-vit-base-patch32"}})
+                           "evaluate": {"benchmark": "dreambench", "dino_model": "tiny",
+                                        "clip_model": "openai/clip-vit-base-patch32"}})
     with pytest.raises(BlipDiffError, match="both tiny or neither"):
         evaluate.run(params, tmp_path)
 

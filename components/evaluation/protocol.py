@@ -83,15 +83,16 @@ class Benchmark:
     root: Path
     info: dreambench.DreamBenchInfo
     real: dict[str, list[Path]]  # subject -> its real images, sorted
+    name: str = "DreamBench"  # what error messages call it (the held-out bench has DreamBench's layout)
 
     def prompts(self, subject: str) -> list[str]:
         info = self.info
         return info.live_prompts if info.category(subject) == "live" else info.object_prompts
 
 
-def load(root: Path) -> Benchmark:
-    """A DreamBench folder: the class list, both prompt lists and every subject's images.
-    A class-list subject without a folder or without an image is an error naming it."""
+def load(root: Path, name: str = "DreamBench") -> Benchmark:
+    """A folder in DreamBench's layout: the class list, both prompt lists and every subject's
+    images. A class-list subject without a folder or without an image is an error naming it."""
     info = dreambench.parse_prompts_and_classes(root / dreambench.PROMPTS_FILE)
     real, problems = {}, []
     for subject in sorted(info.classes):
@@ -101,11 +102,11 @@ def load(root: Path) -> Benchmark:
             problems.append(f"{subject} ({'no image in' if folder.is_dir() else 'no folder'} {folder})")
         real[subject] = files
     if problems:
-        raise BlipDiffError(f"{root}: DreamBench subjects without real images: {', '.join(problems)}")
+        raise BlipDiffError(f"{root}: {name} subjects without real images: {', '.join(problems)}")
     for templates in (info.object_prompts, info.live_prompts):
         for template in templates:
             _split(template)
-    return Benchmark(root, info, real)
+    return Benchmark(root, info, real, name)
 
 
 def choose_subjects(bench: Benchmark, subjects: int | str | list[str]) -> list[str]:
@@ -117,7 +118,7 @@ def choose_subjects(bench: Benchmark, subjects: int | str | list[str]) -> list[s
     if isinstance(subjects, list):
         unknown = [s for s in subjects if s not in bench.info.classes]
         if unknown:
-            raise BlipDiffError(f"evaluate.subjects: unknown DreamBench subject(s) {', '.join(unknown)}; "
+            raise BlipDiffError(f"evaluate.subjects: unknown {bench.name} subject(s) {', '.join(unknown)}; "
                                 f"known: {', '.join(known)}")
         return list(dict.fromkeys(subjects))
     objects = [s for s in known if bench.info.category(s) == "object"]

@@ -70,7 +70,7 @@ nav.subjects a { margin-right: .8em; white-space: nowrap; }
 
 
 def write_report(out: Path, per_image: pd.DataFrame, metrics: dict, real_images: dict[str, list[Path]],
-                 title: str, settings: dict, thumb_size: int = 128) -> Path:
+                 title: str, settings: dict, thumb_size: int = 128, papers: bool = True) -> Path:
     """Write the report to `out` (atomically, UTF-8) and return `out`.
 
     per_image: one row per generated image; columns mode, subject, category, prompt, seed, image
@@ -79,6 +79,8 @@ def write_report(out: Path, per_image: pd.DataFrame, metrics: dict, real_images:
     metrics: {"modes": {mode: {"overall", "by_category", "per_subject", "per_prompt"}}, "oracle",
     "evaluators"}; any key may be absent (summaries then come from per_image's means).
     real_images: subject -> real image paths, embedded as JPEG thumbnails.
+    papers: show the papers' DreamBench table beside this run's (False for another benchmark,
+    e.g. the held-out bench, whose numbers the papers' do not compare with).
     """
     out = Path(out)
     df = _normalise(per_image, out.parent)
@@ -88,7 +90,7 @@ def write_report(out: Path, per_image: pd.DataFrame, metrics: dict, real_images:
     body = [
         f"<h1>{escape(str(title))}</h1>",
         _settings_section(settings, metrics.get("evaluators")),
-        _results_section(df, metrics, modes, settings),
+        _results_section(df, metrics, modes, settings, papers),
         _category_section(df, metrics, modes),
         _per_prompt_section(metrics, modes),
         _subjects_section(df, metrics, modes, real_images or {}, int(thumb_size)),
@@ -237,7 +239,7 @@ def _settings_section(settings: dict, evaluators: Any) -> str:
     return "\n".join(parts)
 
 
-def _results_section(df: pd.DataFrame, metrics: dict, modes: list[str], settings: dict) -> str:
+def _results_section(df: pd.DataFrame, metrics: dict, modes: list[str], settings: dict, papers: bool = True) -> str:
     rows = []
     for mode in modes:
         overall = _mode_metrics(metrics, mode).get("overall") or _summary(df[df["mode"] == mode])
@@ -251,16 +253,23 @@ def _results_section(df: pd.DataFrame, metrics: dict, modes: list[str], settings
             + _table(["", "DINO", "CLIP-I", "CLIP-T", "images"], rows, "this-run") + "</div>")
     ref_rows = [[escape(r["method"]), *(_n(_num(r[k]) if r[k] is not None else "n/a") for k in SCORES),
                  f'<span class="muted">{escape(r["source"])}</span>'] for r in REFERENCE_TABLE]
-    papers = ("<div><h3>Papers (DreamBench)</h3>"
-              + _table(["method", "DINO", "CLIP-I", "CLIP-T", "source"], ref_rows, "reference") + "</div>")
-    if _tiny_evaluators(settings, metrics.get("evaluators")):
+    table = ("<div><h3>Papers (DreamBench)</h3>"
+             + _table(["method", "DINO", "CLIP-I", "CLIP-T", "source"], ref_rows, "reference") + "</div>")
+    tiny = _tiny_evaluators(settings, metrics.get("evaluators"))
+    if not papers:
+        table = ""
+        note = ("<p class=\"note\">This benchmark is not DreamBench: the papers' DreamBench numbers do not "
+                "apply and are not shown; compare runs on the same benchmark and settings only."
+                + (" The evaluators of this run are <b>tiny</b> random networks: their numbers are "
+                   "meaningless in scale." if tiny else "") + "</p>")
+    elif tiny:
         note = ("<p class=\"note\">The evaluators of this run are <b>tiny</b> random networks: their DINO, "
                 "CLIP-I and CLIP-T numbers are meaningless in scale and cannot be compared with the papers'. "
                 "They only show that the pipeline runs end to end.</p>")
     else:
         note = ("<p class=\"note\">The papers' numbers were measured with their own evaluators, prompts and "
                 "sample counts; this run's compare with them only where those match.</p>")
-    return f'<h2>Results</h2>\n<div class="side">{ours}{papers}</div>\n{note}'
+    return f'<h2>Results</h2>\n<div class="side">{ours}{table}</div>\n{note}'
 
 
 def _category_section(df: pd.DataFrame, metrics: dict, modes: list[str]) -> str:

@@ -10,17 +10,24 @@ DVC output kept between runs: an image whose key (mode, subject, prompt, seed, m
 sampler) is already there is not generated again, so an interrupted run resumes),
 per_image.parquet, metrics.json, per_subject.csv (the DVC plot) and report.html.
 
-DreamBench is read from `ingest.dreambench` (a local folder, or the verified download),
-whatever the training data was: the original photos, as the papers score them.
+The benchmark is `evaluate.benchmark`: `dreambench` reads DreamBench from `ingest.dreambench`
+(a local folder, or the verified download), whatever the training data was: the original
+photos, as the papers score them. `heldout` (`auto` on the tiny preset) lays out the ingested
+subjects' held-out views (`data/subjects.parquet`, split test) as a DreamBench folder in a
+temporary directory (`components.evaluation.heldout_bench`) and runs the same protocol on it,
+downloading nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +37,11 @@ from components.core import tracking
 from components.core.config import EvaluateConfig, Params
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path, round_floats, write_json
-from components.core.paths import EVAL_DIR, REGISTRY_PREFIX
+from components.core.paths import EVAL_DIR, REGISTRY_PREFIX, SUBJECTS_MANIFEST
 from components.data import dreambench
 from components.data.images import read_subject_images, save_png
-from components.evaluation import protocol, report, scoring
+from components.data.manifests import SUBJECTS_SCHEMA, read_manifest
+from components.evaluation import heldout_bench, protocol, report, scoring
 from components.evaluation.evaluators import Evaluators
 from components.model import sources
 from components.model.device import placement
@@ -50,6 +58,7 @@ OUTPUTS = (IMAGES_DIR, PER_IMAGE, DETAIL, REPORT)
 DATASETS = ((PER_IMAGE, "evaluation"),)  # MLflow dataset inputs: the scored images
 PLOTS = (PER_SUBJECT,)
 MODES = {"zero_shot": ["zero_shot"], "finetuned": ["finetuned"], "both": ["zero_shot", "finetuned"]}
+BENCH_NAMES = {"dreambench": "DreamBench", "heldout": "held-out bench"}
 
 
 def sampler(cfg: EvaluateConfig) -> dict:
@@ -59,10 +68,15 @@ def sampler(cfg: EvaluateConfig) -> dict:
             "prompt_reps": cfg.prompt_reps, "resolution": cfg.resolution}
 
 
-def image_key(mode: str, item: protocol.Item, model_hash: str, cfg: EvaluateConfig) -> str:
+def image_key(mode: str, item: protocol.Item, model_hash: str, cfg: EvaluateConfig,
+              references: str | None = None) -> str:
+    """`references`: a digest of the subject's real images, where they can change under the same
+    subject name (the held-out bench follows the ingested data); DreamBench's photos are fixed."""
     how = {"reference": cfg.reference} if mode == "zero_shot" else {"finetune": cfg.finetune.model_dump()}
     spec = {"mode": mode, "subject": item.subject, "class": item.class_phrase, "context": item.context,
             "seed": item.seed, "model": model_hash, **sampler(cfg), **how}
+    if references is not None:
+        spec["references"] = references
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -178,16 +192,19 @@ def evaluator_ids(cfg: EvaluateConfig, preset: str) -> tuple[str, str, bool]:
     return dino, clip, dino == "tiny"
 
 
-def generate_images(gen: Generation, items: list[protocol.Item], model_hash: str, root: Path):
+def generate_images(gen: Generation, items: list[protocol.Item], model_hash: str, root: Path,
+                    references: dict[str, str] | None = None):
     """Every planned image of every mode, reusing those already written under the same key;
-    the images of other keys are removed. (rows, made, reused, stale, seconds)."""
+    the images of other keys are removed. (rows, made, reused, stale, seconds).
+    `references`: subject -> digest of its real images, part of the key (the held-out bench)."""
     cfg = gen.cfg
     rows, keep, made, reused = [], set(), 0, 0
     start = time.perf_counter()
     for mode in MODES[cfg.mode]:
         todo = []
         for item in items:
-            path = image_path(mode, item, image_key(mode, item, model_hash, cfg))
+            refs = references[item.subject] if references is not None else None
+            path = image_path(mode, item, image_key(mode, item, model_hash, cfg, refs))
             keep.add(path)
             rows.append({"mode": mode, "subject": item.subject, "category": item.category,
                          "prompt": item.clip_text, "seed": item.seed,
@@ -205,10 +222,47 @@ def generate_images(gen: Generation, items: list[protocol.Item], model_hash: str
     return rows, made, reused, stale, gen_seconds
 
 
+@contextlib.contextmanager
+def benchmark_folder(params: Params, root: Path, kind: str) -> Iterator[Path]:
+    """The benchmark's folder in DreamBench's layout, for the length of the run."""
+    if kind == "dreambench":
+        # DreamBench's own photos, whatever the training data; a fresh clone without the local copy downloads it
+        yield dreambench.local_or_download(params.ingest.dreambench, root, fallback=True)
+        return
+    manifest = root / SUBJECTS_MANIFEST
+    if not manifest.is_file():
+        raise BlipDiffError(f"evaluate.benchmark=heldout: {SUBJECTS_MANIFEST} not found; run `dvc repro ingest` "
+                            "first, or set evaluate.benchmark=dreambench")
+    subjects = read_manifest(manifest, SUBJECTS_SCHEMA)
+    with tempfile.TemporaryDirectory(prefix="blipdiff-heldout-") as tmp:
+        yield heldout_bench.write(subjects, root, Path(tmp))
+
+
+def reference_digests(bench: protocol.Benchmark) -> dict[str, str]:
+    """subject -> sha256 of its real images' names and bytes (12 hex digits)."""
+    out = {}
+    for subject, paths in sorted(bench.real.items()):
+        digest = hashlib.sha256()
+        for path in paths:
+            digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+        out[subject] = digest.hexdigest()[:12]
+    return out
+
+
 def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    kind = params.evaluate.benchmark_for(params.preset)
+    with benchmark_folder(params, root, kind) as folder:
+        bench = protocol.load(folder, BENCH_NAMES[kind])
+        log.info("benchmark: %s (%s), %d subjects", kind, folder if kind == "dreambench" else SUBJECTS_MANIFEST,
+                 len(bench.real))
+        return run_on(params, root, kind, bench)
+
+
+def run_on(params: Params, root: Path, kind: str, bench: protocol.Benchmark) -> tuple[dict, dict[str, np.ndarray]]:
+    """The protocol on one benchmark (`kind`: dreambench | heldout), loaded from its folder."""
     cfg = params.evaluate
-    # DreamBench's own photos, whatever the training data; a fresh clone without the local copy downloads it
-    bench = protocol.load(dreambench.local_or_download(params.ingest.dreambench, root, fallback=True))
+    # The held-out views follow the ingested data: their digests go into the image keys and the settings.
+    references = reference_digests(bench) if kind != "dreambench" else None
     subjects = protocol.choose_subjects(bench, cfg.subjects)
     items = protocol.plan(bench, subjects, cfg.prompts_per_subject, cfg.images_per_prompt, cfg.seed)
     dino_id, clip_id, tiny = evaluator_ids(cfg, params.preset)  # bad ids fail before generation
@@ -218,7 +272,7 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
         log.info("evaluating %s (%s): %d subjects, %d images per mode, modes %s", source.describe(), source.hash,
                  len(subjects), len(items), MODES[cfg.mode])
         gen = Generation(cfg, bench, source.load_from, root)
-        rows, made, reused, stale, gen_seconds = generate_images(gen, items, source.hash, root)
+        rows, made, reused, stale, gen_seconds = generate_images(gen, items, source.hash, root, references)
     model_hash = source.hash
 
     ev = Evaluators.build(None if tiny else dino_id, None if tiny else clip_id, tiny=tiny,
@@ -229,7 +283,8 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
     if stats["images_skipped"]:
         raise BlipDiffError(f"evaluate: {stats['images_skipped']} generated images could not be read back")
     detail = round_floats(scoring.summary(per_image, oracle_row, ev.describe()))
-    detail["settings"] = settings(cfg, cfg.model, model_hash, ev, len(subjects), len(items))
+    detail["settings"] = {**benchmark_settings(kind, bench, references),
+                          **settings(cfg, cfg.model, model_hash, ev, len(subjects), len(items))}
     write_outputs(root, per_image, detail, real)
 
     metrics = scoring.flat_metrics(detail)
@@ -239,8 +294,21 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
                     "seconds_scoring": round(stats["seconds_scoring"], 3),
                     "samples_per_s_scoring": round(stats["scored_images_per_s"], 2)})
     tracking.set_tags({"model_hash": model_hash, "evaluated_model": source.load_from, "dino_model": dino_id,
-                       "clip_model": clip_id})
+                       "clip_model": clip_id, "benchmark": kind})
     return metrics, grids(root, per_image)
+
+
+def benchmark_settings(kind: str, bench: protocol.Benchmark, references: dict[str, str] | None) -> dict:
+    """What the scores were measured on: `benchmark` (dreambench | heldout); for the held-out
+    bench also its size and a digest of its images (another ingest is another benchmark)."""
+    if kind == "dreambench":
+        return {"benchmark": kind}
+    views = sum(len(v) for v in bench.real.values())
+    digest = hashlib.sha256(json.dumps(references, sort_keys=True).encode()).hexdigest()[:12]
+    return {"benchmark": kind,
+            "benchmark_data": f"held-out views (split test) of {SUBJECTS_MANIFEST.as_posix()}: "
+                              f"{len(bench.real)} subjects, {views} views",
+            "benchmark_digest": digest}
 
 
 def settings(cfg: EvaluateConfig, source: str, model_hash: str, ev, subjects: int, images: int) -> dict:
@@ -256,8 +324,11 @@ def settings(cfg: EvaluateConfig, source: str, model_hash: str, ev, subjects: in
 
 
 def protocol_hash(settings: dict) -> str:
-    """What makes two evaluations comparable: every setting but the model evaluated."""
-    return tracking.params_hash({k: v for k, v in settings.items() if k not in ("model", "model_hash")})
+    """What makes two evaluations comparable: every setting but the model evaluated. (The
+    benchmark counts; `benchmark: dreambench` is left out so that DreamBench's hash is the one
+    from before the setting existed, and champions scored then stay comparable.)"""
+    return tracking.params_hash({k: v for k, v in settings.items() if k not in ("model", "model_hash")
+                                 and not (k == "benchmark" and v == "dreambench")})
 
 
 def write_outputs(root: Path, per_image: pd.DataFrame, detail: dict, real: dict[str, list[Path]]) -> None:
@@ -265,12 +336,14 @@ def write_outputs(root: Path, per_image: pd.DataFrame, detail: dict, real: dict[
     with atomic_path(root / PER_IMAGE) as tmp:
         per_image.to_parquet(tmp, index=False)
     write_json(detail, root / DETAIL)
+    heldout = detail["settings"].get("benchmark") == "heldout"
     bars = [{"mode": mode, "subject": subject, **{k: round(v[k], 4) for k in ("dino", "clip_i", "clip_t")}}
             for mode, summ in detail["modes"].items() for subject, v in summ["per_subject"].items()]
     with atomic_path(root / PER_SUBJECT) as tmp:
         pd.DataFrame(bars).to_csv(tmp, index=False)
-    report.write_report(root / REPORT, per_image, detail, real, title="DreamBench evaluation",
-                        settings=detail["settings"])
+    report.write_report(root / REPORT, per_image, detail, real,
+                        title="Held-out views evaluation (DreamBench protocol)" if heldout else "DreamBench evaluation",
+                        settings=detail["settings"], papers=not heldout)
     log.info("wrote %s (%d images scored)", out, len(per_image))
 
 
@@ -324,12 +397,13 @@ def after_run(params: Params, root: Path) -> None:
         versions = client.search_model_versions(f"run_id = '{model_run}'")
     tags = {"evaluated_run_id": model_run}
     flat = scoring.flat_metrics(detail)
+    prefix = detail["settings"].get("benchmark", "dreambench")  # dreambench.* or heldout.* scores
     mode = MODES[params.evaluate.mode][0]  # the mode promotion compares (zero-shot when both ran)
     for version in versions:
         tags["evaluated_model_version"] = f"{version.name}/{version.version}"
         for key, value in flat.items():
-            client.set_model_version_tag(version.name, version.version, f"dreambench.{key}", str(value))
-        client.set_model_version_tag(version.name, version.version, "dreambench.run_id", str(run_id))
+            client.set_model_version_tag(version.name, version.version, f"{prefix}.{key}", str(value))
+        client.set_model_version_tag(version.name, version.version, f"{prefix}.run_id", str(run_id))
         decision = registry.promote_if_better(
             version.name, version.version, {"dino": flat[f"{mode}_dino"], "clip_t": flat[f"{mode}_clip_t"]},
             protocol_hash(detail["settings"]), run_id)
