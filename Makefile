@@ -2,11 +2,13 @@
 # make test  : set up .venv and run the test suite
 # make serve : Prefect server + deployments + a worker + MLflow server on 127.0.0.1 (Ctrl-C stops)
 # make system-deps : Debian packages for the browser and PostgreSQL tests (root; they skip without)
+# make samples : copy train_subject's sample grid (reports/samples/grid.png) to docs/img/samples_grid.png
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup repro test serve system-deps screenshots bench clean-venv
+.PHONY: setup repro test serve system-deps screenshots bench samples clean-venv
+SAMPLES_GRID := reports/samples/grid.png
 .DEFAULT_GOAL := repro
 
 $(BIN)/blipdiff: pyproject.toml constraints.txt
@@ -49,6 +51,16 @@ screenshots: setup
 
 bench: setup
 	. $(BIN)/activate && python benchmarks/context_bench.py && python benchmarks/generate_bench.py && python benchmarks/train_bench.py && python benchmarks/stream_bench.py && python benchmarks/eval_bench.py && python benchmarks/export_bench.py
+
+# the grid of the last `make repro` (train_subject writes it), for the docs; no venv needed
+samples:
+	@if [ ! -f $(SAMPLES_GRID) ]; then \
+		echo "make samples: $(SAMPLES_GRID) is missing: run \`make repro\` first (the train_subject stage writes it)" >&2; \
+		exit 1; \
+	fi
+	mkdir -p docs/images
+	cp $(SAMPLES_GRID) docs/img/samples_grid.png
+	@echo "copied $(SAMPLES_GRID) to docs/img/samples_grid.png"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -16,37 +16,52 @@ Runs under accelerate: `accelerate launch --multi_gpu --num_processes N -m compo
 train_subject` starts N processes (on a machine without GPUs they train on the CPU, gloo).
 Every step draws its batch, noise, timesteps and latent sample from a generator seeded by
 (seed, step, micro-batch, process), so a run resumed from a checkpoint ends with the same
-weights as an uninterrupted one. Learning checks: the loss on a fixed batch, and subject
-identification by denoising error on the held-out views.
+weights as an uninterrupted one. Learning checks: the loss on a fixed batch, subject
+identification by denoising error on the held-out views, and subject recognition in images
+generated from them (a fixed colour-and-shape classifier names the subject drawn). The grid
+`reports/samples/grid.png` (a DVC image plot, and an MLflow artifact) shows each subject's
+reference view, the base model's prior from its caption and zero-shot drawings in three
+contexts.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from components.core import tracking
 from components.core.config import Params, TrainSubjectConfig
 from components.core.errors import BlipDiffError
-from components.core.io import folder_hash
-from components.core.paths import BLIP_DIFFUSION_DIR, PAIRS_MANIFEST, checkpoint_dir, checkpoint_root, curve_file
+from components.core.io import atomic_path, folder_hash
+from components.core.paths import (BLIP_DIFFUSION_DIR, PAIRS_MANIFEST, SAMPLES_GRID, checkpoint_dir, checkpoint_root,
+                                   curve_file, local_path)
+from components.data.backgrounds import BACKGROUND_PHRASES, scene, without_scene
+from components.data.images import save_png
 from components.data.manifests import PAIRS_SCHEMA, read_manifest
+from components.evaluation.grid import image_grid
+from components.evaluation.subject_classifier import SubjectClassifier, subject_classes, subject_rows
 from components.model import layout
-from components.model.presets import from_preset
+from components.model.presets import start_model
 from components.training import data as streaming
 from components.training import loop as training
 from components.training.data import PairDataset
-from components.training.subject_objective import Stage2, draw, fixed_batch_loss, identification_accuracy, latent_shape
+from components.training.subject_objective import (Stage2, draw, draw_batched, fixed_batch_loss, generation_accuracy,
+                                                    identification_accuracy, latent_shape)
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ("preset", "train_subject")  # the params this stage reads (dvc.yaml `params`)
 OUTPUTS = (BLIP_DIFFUSION_DIR,)
 DATASETS = ((PAIRS_MANIFEST, "training"),)  # MLflow dataset inputs of the run
-PLOTS = (curve_file("train_subject"),)
+PLOTS = (curve_file("train_subject"), SAMPLES_GRID)  # the curve; the samples grid (an image plot)
+GRID_CONTEXTS = ("stripes", "checker", "rings")  # the grid's zero-shot contexts: "a [class] on a striped background"
+PRIOR_CONTEXT = "gradient"  # the base model's prior in the grid: "<subject caption> on a gradient background"
+GRID_COLUMNS = ("reference", "prior (base)", *(BACKGROUND_PHRASES[kind] for kind in GRID_CONTEXTS))
 CHECKPOINT_DIR = checkpoint_dir("train_subject")
 
 
@@ -82,9 +97,13 @@ def run(params: Params, root: Path, resume: str | None = None) -> tuple[dict, di
         layout.save(model, root / BLIP_DIFFUSION_DIR)
         training.write_curve(curve, root / curve_file("train_subject"))
         metrics = measure(plain, model, cfg, accelerator, train, held_out, noise_scheduler, fixed_start, losses,
-                          seconds, cfg.steps - start)
-        samples = _samples(model, train)
-        log.info("wrote %s; %s", BLIP_DIFFUSION_DIR, {k: metrics[k] for k in metrics if k.startswith(("id_", "loss"))})
+                          seconds, cfg.steps - start, root)
+        grid = sample_grid(model, root, train, held_out, captions_of(train_frame), cfg)
+        with atomic_path(root / SAMPLES_GRID) as tmp:
+            save_png(grid, tmp)
+        samples = {"grid": grid}
+        log.info("wrote %s and %s; %s", BLIP_DIFFUSION_DIR, SAMPLES_GRID,
+                 {k: metrics[k] for k in metrics if k.startswith(("id_", "gen_", "loss"))})
     training.finish(accelerator)
     return metrics, samples
 
@@ -107,7 +126,7 @@ def build_data(params: Params, root: Path, accelerator, train_frame, held_frame)
     the accelerator's device, and the training and held-out pairs (cached where asked)."""
     cfg = params.train_subject
     torch.manual_seed(cfg.seed)
-    model = from_preset(params.preset, seed=cfg.seed)
+    model = start_model(params.preset, cfg.base, root, seed=cfg.seed)
     if cfg.qformer:
         model.qformer, model.qformer_tokenizer = layout.load_pretrained_qformer(root / cfg.qformer, model.qformer)
         log.info("subject encoder starts from the pre-trained Q-Former in %s", cfg.qformer)
@@ -186,8 +205,9 @@ def fit(cfg: TrainSubjectConfig, accelerator, stage2, optimizer, lr_schedule, tr
 
 def measure(plain: Stage2, model, cfg: TrainSubjectConfig, accelerator, train: PairDataset,
             held_out: PairDataset | None, noise_scheduler, fixed_start: float, losses: list[float],
-            seconds: float, steps_run: int) -> dict:
-    """The learning checks (fixed-batch loss, held-out identification), time and memory."""
+            seconds: float, steps_run: int, root: Path) -> dict:
+    """The learning checks (fixed-batch loss, held-out identification and generation), time
+    and memory."""
     fixed_end = fixed_batch_loss(plain, train, cfg, noise_scheduler)
     metrics = {
         "fixed_batch_loss_start": fixed_start,
@@ -200,7 +220,86 @@ def measure(plain: Stage2, model, cfg: TrainSubjectConfig, accelerator, train: P
     }
     if held_out is not None:
         metrics.update(identification_accuracy(model, train, held_out, cfg))
+        if cfg.gen_images_per_view:
+            metrics.update(generation_check(model, root, held_out, cfg))
     return metrics
+
+
+def generation_check(model, root: Path, held_out: PairDataset, cfg: TrainSubjectConfig) -> dict:
+    """`generation_accuracy` with the fixed subject classifier fitted on the ingested
+    subjects' training views (`components/evaluation/subject_classifier.py`), at the training
+    resolution (on the default profile the tiny base model's native size, 32 px); and the
+    classifier's own accuracy on the real held-out views (`gen_classifier_real_accuracy`), the
+    sanity number that says its verdicts mean something."""
+    start = time.perf_counter()
+    size = cfg.resolution
+    train_views, real_views = subject_rows(root, "train"), subject_rows(root, "test")
+    classifier = SubjectClassifier.fit(train_views, root, size)
+    real = classifier.accuracy(real_views, root)
+    metrics = generation_accuracy(model, held_out, classifier.predict, subject_classes(train_views), cfg, size)
+    metrics["gen_classifier_real_accuracy"] = real
+    metrics["seconds_generation_check"] = time.perf_counter() - start
+    log.info("generation check: %d of %d images name their subject (chance %.3f, p = %.2g; the classifier on %d "
+             "real held-out views: %.2f)", round(metrics["gen_accuracy"] * metrics["gen_images"]),
+             metrics["gen_images"], metrics["gen_chance"], metrics["gen_p_value"], len(real_views), real)
+    return metrics
+
+
+def captions_of(frame) -> dict[str, str]:
+    """Each subject's first caption in the pairs manifest."""
+    first = frame.drop_duplicates("subject_id")
+    return {s: c for s, c in zip(first["subject_id"], first["caption"]) if isinstance(c, str) and c.strip()}
+
+
+def subject_caption(caption: str | None, class_name: str) -> str:
+    """A caption without its background phrase ("a red star-shaped toy with dots on a
+    striped background" -> "a red star-shaped toy with dots"); "a [class]" without one."""
+    return without_scene(caption) if caption else f"a {class_name}"
+
+
+def base_priors(root: Path, prompts: list[str], classes: list[str], cfg: TrainSubjectConfig, device) -> list:
+    """The base model's (`train_subject.base`, the base stage's `models/base`) plain
+    text-to-image drawings of `prompts`, seed `seed`; Nones (grey cells) without one."""
+    folder = local_path(cfg.base, root) if cfg.base else None
+    if folder is None or not folder.is_dir():
+        log.warning("no base model (train_subject.base: %s): the grid's prior column stays empty", cfg.base)
+        return [None] * len(prompts)
+    base = layout.load(folder).to(device)
+    return list(draw_batched(base, None, prompts, classes, [cfg.seed] * len(prompts), cfg, base.native_size))
+
+
+@torch.no_grad()
+def sample_grid(model, root: Path, train: PairDataset, held_out: PairDataset | None, captions: dict[str, str],
+                cfg: TrainSubjectConfig) -> np.ndarray:
+    """One row per training subject: its reference view (first held-out view, else first
+    training view's original; shown at the training resolution), the base model's prior from
+    its caption ("... on a gradient background"), and the trained model's zero-shot drawings
+    from the reference with the text "a [class] on a <kind> background" for each of
+    GRID_CONTEXTS; every cell drawn with seed `seed`, at the training resolution (the base
+    model's prior at its native size), shown at 3x (nearest neighbour)."""
+    size = cfg.resolution
+    refs = []
+    for k, subject in enumerate(train.subjects):
+        views = [i for i in range(len(held_out)) if held_out.subjects[held_out.subject_index[i]] == subject] \
+            if held_out is not None else []
+        refs.append(held_out.image(held_out.targets[views[0]]) if views
+                    else train.image(train.targets[train.rows_of(k)[0]]))
+    classes = train.subject_classes
+    n = len(GRID_CONTEXTS)
+    embeds = torch.cat([model.subject_embeddings([ref], c) for ref, c in zip(refs, classes)])
+    drawn = draw_batched(model, embeds.repeat_interleave(n, 0), [scene(kind) for _ in refs for kind in GRID_CONTEXTS],
+                         [c for c in classes for _ in range(n)], [cfg.seed] * (len(refs) * n), cfg, size)
+    prompts = [f"{subject_caption(captions.get(s), c)} {scene(PRIOR_CONTEXT)}" for s, c in zip(train.subjects, classes)]
+    priors = base_priors(root, prompts, list(classes), cfg, model.device)
+    # the reference as the model sees it (bicubic to its size), like the drawings beside it
+    shown = [np.asarray(Image.fromarray(ref).resize((size, size), Image.Resampling.BICUBIC)) for ref in refs]
+    cells = [[ref, prior, *drawn[k * n:(k + 1) * n]] for k, (ref, prior) in enumerate(zip(shown, priors))]
+    return image_grid(cells, list(train.subjects), list(GRID_COLUMNS), tile=grid_tile(size))
+
+
+def grid_tile(size: int) -> int:
+    """The grid's cell size for images of `size` px: 3x up to 64 px (32 -> 96), else at most 256."""
+    return 3 * size if size <= 64 else min(size, 256)
 
 
 def _samples(model, data: PairDataset) -> dict[str, np.ndarray]:

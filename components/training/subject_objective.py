@@ -143,7 +143,94 @@ def identification_accuracy(model, train: PairDataset, held_out: PairDataset, cf
             pred = model.unet(noisy, t, encoder_hidden_states=text.expand(cfg.id_draws, -1, -1)).sample
             errors.append(F.mse_loss(pred, noise).item())
         correct += int(np.argmin(errors) == truth)
-    accuracy = correct / max(len(held_out), 1)
-    chance = 1.0 / len(train.subjects)
-    return {"id_accuracy": accuracy, "id_chance": chance, "id_images": len(held_out),
-            "id_over_chance": accuracy / chance}
+    # the unit is the held-out image: its draws are averaged into one verdict
+    return chance_metrics("id", correct, len(held_out), 1.0 / len(train.subjects))
+
+
+def chance_metrics(prefix: str, correct: int, total: int, chance: float) -> dict:
+    """A learning check's numbers: `<prefix>_accuracy`, `_chance`, `_images` (the trials),
+    `_over_chance` and `_p_value`, the probability that a random guesser, right with
+    probability `chance` on each of `total` independent trials, gets at least `correct` right
+    (binomial: `binom.sf(correct - 1, total, chance)`; 1.0 for 0 right)."""
+    from scipy.stats import binom
+
+    accuracy = correct / total if total else 0.0
+    p_value = float(binom.sf(correct - 1, total, chance)) if total else 1.0
+    return {f"{prefix}_accuracy": accuracy, f"{prefix}_chance": chance, f"{prefix}_images": total,
+            f"{prefix}_over_chance": accuracy / chance, f"{prefix}_p_value": min(p_value, 1.0)}
+
+
+def at_least(correct: int, chances: list[float]) -> float:
+    """P(at least `correct` successes) of independent trials with their own success
+    probabilities (Poisson binomial; the binomial tail when they are all equal)."""
+    dist = np.zeros(len(chances) + 1)
+    dist[0] = 1.0
+    for p in chances:
+        dist[1:] = dist[1:] * (1.0 - p) + dist[:-1] * p
+        dist[0] *= 1.0 - p
+    return float(min(dist[max(correct, 0):].sum(), 1.0))
+
+
+def draw_batched(model, embeds: torch.Tensor | None, prompts: list[str], classes: list[str], seeds: list[int],
+                 cfg: TrainSubjectConfig, size: int) -> np.ndarray:
+    """`model.generate` in calls of at most `gen_batch_size` images (each image depends on its
+    seed only, not on the batch), with the generation check's sampler settings and the prompt
+    as training builds it (once, `prompt_reps` 1). `embeds` (N, Q, D), or None: no subject,
+    each prompt is the whole text. Float images in [0, 1], (N, size, size, 3)."""
+    out = []
+    for start in range(0, len(prompts), cfg.gen_batch_size):
+        part = slice(start, start + cfg.gen_batch_size)
+        out.append(model.generate(None if embeds is None else embeds[part], prompts[part], classes[part], seeds[part],
+                                  guidance_scale=cfg.gen_guidance_scale, num_inference_steps=cfg.gen_steps,
+                                  height=size, width=size, prompt_reps=1))
+    return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.float32)
+
+
+@torch.no_grad()
+def generation_accuracy(model, held_out: PairDataset, classify, subject_classes: dict[str, str],
+                        cfg: TrainSubjectConfig, size: int) -> dict:
+    """Subject recognition in generated images (the paper's claim, zero-shot, in miniature).
+
+    For each held-out view: its subject embeddings (the view itself, with its class text),
+    and `gen_images_per_view` images drawn from them with the text "a [class]" (the empty
+    prompt; the same text for every subject of the class, so only the embeddings tell them
+    apart) and seeds `seed + j` (the same for every view), at `size` px. `classify(images)`
+    names a subject for each image (one of `subject_classes`' keys: subject -> class);
+    an image counts when it names the view's subject.
+
+    Metrics (`gen_`): accuracy, chance (1 / subjects), images, over_chance and the binomial
+    p-value per image (`chance_metrics`); `gen_class_chance`, the chance of a guesser that
+    knows the class (1 / subjects of the image's class, averaged) and `gen_class_p_value`
+    against it, as the text names the class; `gen_text_only_accuracy`, the same images drawn
+    without subject embeddings (what the class word and the seeds alone give).
+    """
+    per_view = cfg.gen_images_per_view
+    views = list(range(len(held_out)))
+    truth = [held_out.subjects[held_out.subject_index[i]] for i in views]
+    classes = [held_out.class_texts[i] for i in views]
+    embeds = torch.cat([model.subject_embeddings([held_out.image(held_out.targets[i])], classes[i]) for i in views])
+    index = [i for i in views for _ in range(per_view)]
+    seeds = [cfg.seed + j for _ in views for j in range(per_view)]
+    targets = [classes[i] for i in index]
+
+    def names(images: np.ndarray) -> list[str]:
+        return list(classify(list(images)))
+
+    named = names(draw_batched(model, embeds[index], [""] * len(index), targets, seeds, cfg, size))
+    # the same text and seeds without the subject ("a [class]" as the prompt builder writes it):
+    # one image per (class, seed), shared by the class's views
+    pairs = sorted(set(zip(targets, seeds)))
+    shared = names(draw_batched(model, None, [model.build_prompt("", t) for t, _ in pairs], [t for t, _ in pairs],
+                                [seed for _, seed in pairs], cfg, size))
+    text_only = [dict(zip(pairs, shared))[key] for key in zip(targets, seeds)]
+    correct = sum(n == truth[i] for n, i in zip(named, index))
+    text_correct = sum(n == truth[i] for n, i in zip(text_only, index))
+    members = {c: sum(v == c for v in subject_classes.values()) for c in set(subject_classes.values())}
+    class_chances = [1.0 / max(members.get(subject_classes.get(truth[i], ""), 1), 1) for i in index]
+    metrics = chance_metrics("gen", correct, len(index), 1.0 / len(subject_classes))
+    metrics.update({
+        "gen_class_chance": float(np.mean(class_chances)) if class_chances else 0.0,
+        "gen_class_p_value": at_least(correct, class_chances) if class_chances else 1.0,
+        "gen_text_only_accuracy": text_correct / len(index) if index else 0.0,
+    })
+    return metrics
