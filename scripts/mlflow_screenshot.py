@@ -42,7 +42,7 @@ WORKFLOW = "workflowType=machine_learning"
 
 # --------------------------------------------------------------------------- runs
 # What each compared stage needs before it can run (dvc.yaml's order).
-UPSTREAM = {"pretrain_qformer": ["ingest"], "train_subject": ["ingest", "context", "pretrain_qformer"]}
+UPSTREAM = {"pretrain_qformer": ["ingest", "base"], "train_subject": ["ingest", "context", "base", "pretrain_qformer"]}
 
 
 def make_workdir(dest: Path, params: dict | None = None) -> Path:

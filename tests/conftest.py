@@ -8,6 +8,7 @@ import functools
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import yaml
 
 from components.core.paths import DREAMBENCH_ENV
 from tests.helpers import dreambench_mini
+from tests.helpers.fast_params import FAST_BASE
 
 REPO = Path(__file__).resolve().parents[1]
 # A local DreamBench copy (the DreamBooth dataset folder), as users give one: CI sets it.
@@ -76,6 +78,7 @@ def checkout(tmp_path):
             shutil.copy2(REPO / rel, work / rel)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["ingest"]["synthetic"].update(num_subjects=3, min_views=4, max_views=4, image_size=64)
+    params["base"].update(FAST_BASE)
     params["pretrain_qformer"].update(steps=3, batch_size=4, log_every=1)
     params["train_subject"].update(steps=3, batch_size=2, resolution=16, log_every=1, id_draws=1)
     params["evaluate"].update(subjects=2, prompts_per_subject=1, images_per_prompt=2, steps=2)
@@ -87,3 +90,41 @@ def checkout(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", DREAMBENCH_ENV: str(bench)}
     sh("git init -q && git add -A && git -c user.name=t -c user.email=t@t commit -qm init", work, env)
     return work, env
+
+
+# The outputs a test of the default profile reads (a copy: tests never write the workspace's).
+DEFAULT_RUN_OUTPUTS = ("data/subjects", "data/subjects.parquet", "data/context", "data/pairs.parquet",
+                       "models/base", "models/qformer", "models/blip_diffusion", "metrics", "reports/samples")
+DEFAULT_RUN_STAGES = ("ingest", "context", "base", "pretrain_qformer", "train_subject")
+
+
+def _workspace_is_current() -> bool:
+    """The workspace holds the default profile's outputs of the current code and params
+    (`dvc status` of train_subject and its upstream stages is clean): `make repro` ran."""
+    if not all((REPO / rel).exists() for rel in DEFAULT_RUN_OUTPUTS):
+        return False
+    dvc = Path(sys.executable).parent / "dvc"
+    proc = subprocess.run([str(dvc), "status", "train_subject", "--json"], cwd=REPO, capture_output=True, text=True)
+    return proc.returncode == 0 and proc.stdout.strip() in ("{}", "")
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory) -> Path:
+    """A folder holding the default profile's pipeline up to train_subject (params.yaml as it
+    is: 12 synthetic subjects, the trained tiny base, stages 1 and 2) with each stage's metrics
+    file. A copy of the workspace's outputs when `dvc status` says they are current (CI runs
+    `make repro` first), else the stages run here (about 10 minutes on 2 cores)."""
+    root = tmp_path_factory.mktemp("default_run")
+    shutil.copy2(REPO / "params.yaml", root / "params.yaml")
+    if _workspace_is_current():
+        for rel in DEFAULT_RUN_OUTPUTS:
+            (shutil.copytree if (REPO / rel).is_dir() else shutil.copy2)(REPO / rel, root / rel)
+        return root
+    from components.stages.runner import run_stage
+
+    store = tmp_path_factory.mktemp("default_run_mlflow")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+        for stage in DEFAULT_RUN_STAGES:
+            run_stage(stage, root / "params.yaml", [], root)
+    return root

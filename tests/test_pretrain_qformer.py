@@ -21,11 +21,11 @@ from components.training.data import CLASS_TEMPLATES, row_captions
 from components.training.faults import STOP_AFTER_ENV
 
 GOLDEN_STAGE1 = Path(__file__).parent / "fixtures" / "golden_stage1"
-SMALL = {"synthetic": {"num_subjects": 3, "min_views": 3, "max_views": 3, "image_size": 48}}
+SMALL = {"test_views_per_subject": 1, "synthetic": {"num_subjects": 3, "min_views": 3, "max_views": 3, "image_size": 48}}
 
 
 def _params(ingest_cfg=SMALL, **stage) -> Params:
-    base = {"steps": 4, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "checkpoint_every": 2}
+    base = {"steps": 4, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "checkpoint_every": 2, "base": None}
     return Params(ingest=ingest_cfg, pretrain_qformer={**base, **stage})
 
 
@@ -233,8 +233,9 @@ def test_train_subject_starts_from_the_pretrained_qformer(subjects_root, tmp_pat
 
     root = _copy(subjects_root, tmp_path / "chain")
     params = Params(ingest=SMALL, context={"backgrounds_per_image": 1, "matting_max_side": None},
-                    pretrain_qformer={"steps": 2, "batch_size": 4, "log_every": 1},
+                    pretrain_qformer={"steps": 2, "batch_size": 4, "log_every": 1, "base": None},
                     train_subject={"steps": 1, "batch_size": 2, "resolution": 16, "id_draws": 1, "log_every": 1,
+                                   "base": None,
                                    "train_qformer": False})
     context.run(params, root)
     with pytest.raises(BlipDiffError, match="no pre-trained Q-Former here"):

@@ -21,6 +21,7 @@ import pytest
 from components.core import tracking
 from flows import servers
 from scripts import mlflow_screenshot as shots
+from tests.helpers.fast_params import FAST_BASE
 from tests.helpers.servers import postgres_bin, postgres_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,6 +151,7 @@ def test_mlflow_ui_compares_two_stage_runs_in_chromium(tmp_path):
         pytest.skip("no chromium on PATH (Debian: apt-get install chromium)")
     work = shots.make_workdir(tmp_path / "work", {
         "ingest": {"synthetic": {"num_subjects": 3, "min_views": 3, "max_views": 3, "image_size": 64}},
+        "base": FAST_BASE,
         "pretrain_qformer": {"steps": 4, "batch_size": 4, "log_every": 1},
     })
     with servers.mlflow_server(f"sqlite:///{tmp_path / 'ui.db'}", tmp_path / "artifacts", log_dir=tmp_path) as ml:

@@ -123,7 +123,8 @@ def test_failed_writes_are_kept_and_written_at_the_end(tmp_path, monkeypatch):
     monkeypatch.setattr(tracking, "RETRY_WAIT_S", 0.0)
     monkeypatch.setattr(tracking, "RECHECK_S", 0.0)
     assert main(["pretrain_qformer", *SMALL, "-S", "pretrain_qformer.steps=4", "-S", "pretrain_qformer.batch_size=4",
-                 "-S", "pretrain_qformer.log_every=1", "-S", "pretrain_qformer.checkpoint_every=10"]) == 0
+                 "-S", "pretrain_qformer.log_every=1", "-S", "pretrain_qformer.checkpoint_every=10",
+                 "-S", "pretrain_qformer.base=null"]) == 0
     run = [r for r in _runs(os.environ["MLFLOW_TRACKING_URI"]) if r.info.run_name == "pretrain_qformer"][0]
     client = mlflow.tracking.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
@@ -140,7 +141,7 @@ def test_failed_registration_keeps_the_stage_and_register_later(tmp_path, monkey
     root = _repo(tmp_path, monkeypatch)
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["ingest"]["synthetic"].update(num_subjects=2, image_size=48, min_views=2, max_views=2)
-    raw["train_subject"].update(steps=2, batch_size=2, resolution=16, log_every=1, id_draws=1, qformer=None)
+    raw["train_subject"].update(steps=2, batch_size=2, resolution=16, log_every=1, id_draws=1, qformer=None, base=None)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     params = __import__("components.core.config", fromlist=["x"]).load_params(root / "params.yaml")
     ingest.run(params, root)

@@ -24,9 +24,9 @@ class _Section(BaseModel):
 
 # --------------------------------------------------------------------------- ingest
 class SyntheticSourceConfig(_Section):
-    num_subjects: int = Field(8, ge=1, le=14)
-    min_views: int = Field(4, ge=1, le=32)
-    max_views: int = Field(6, ge=1, le=32)
+    num_subjects: int = Field(12, ge=1, le=14)
+    min_views: int = Field(7, ge=1, le=32)
+    max_views: int = Field(9, ge=1, le=32)
     image_size: int = Field(128, ge=32, le=2048)
 
     @model_validator(mode="after")
@@ -59,7 +59,7 @@ class IngestConfig(_Section):
     # Images declaring more pixels are skipped (too_large) before they are decoded.
     max_image_pixels: int = Field(100_000_000, ge=1)
     # The last N images of each subject (in sorted order) form the held-out "test" split.
-    test_views_per_subject: int = Field(1, ge=0)
+    test_views_per_subject: int = Field(3, ge=0)
     synthetic: SyntheticSourceConfig = SyntheticSourceConfig()
     dreambench: DreamBenchSourceConfig = DreamBenchSourceConfig()
     folder: FolderSourceConfig = FolderSourceConfig()
@@ -109,11 +109,62 @@ class ContextConfig(_Section):
         return self
 
 
+# ----------------------------------------------------------------------------- base
+class BaseAutoencoderConfig(_Section):
+    steps: int = Field(800, ge=0)  # 0: keep the seeded random VAE (tests only: it does not reconstruct)
+    learning_rate: float = Field(2e-3, gt=0.0)
+    kl_weight: float = Field(1e-5, ge=0.0)  # per latent element, against the per-pixel MSE
+
+
+class BaseImageEncoderConfig(_Section):
+    steps: int = Field(300, ge=0)  # 0: keep the random image encoder
+    learning_rate: float = Field(1e-3, gt=0.0)
+    temperature: float = Field(0.07, gt=0.0)
+
+
+class BasePriorConfig(_Section):
+    steps: int = Field(1500, ge=0)  # 0: keep the random UNet and text encoder
+    learning_rate: float = Field(3e-3, gt=0.0)
+    warmup_steps: int = Field(50, ge=0)
+    caption_drop: float = Field(0.1, ge=0.0, lt=1.0)  # share of empty captions (classifier-free guidance)
+    augmented_copies: int = Field(16, ge=1)  # flipped/cropped versions of each image, encoded once
+
+
+class BaseCheckConfig(_Section):
+    images_per_subject: int = Field(4, ge=1)
+    steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(5.0, ge=0.0)
+
+
+class BaseConfig(_Section):
+    """Stage `base`: the model every later stage starts from, in models/base/. Tiny: trained
+    here on the ingested train split (autoencoder, image encoder, text-to-image prior); full
+    presets: the preset's hub snapshot at a pinned revision, or a local folder."""
+
+    seed: int = 0
+    source: str | None = None  # null: the preset's (tiny: train here; full: its hub id); or a local model folder
+    revision: str | None = None  # full presets: the hub revision (null: the preset's pinned one)
+    resolution: int = Field(32, ge=16)  # tiny: training and sampling size (the model's native size)
+    batch_size: int = Field(32, ge=2)
+    autoencoder: BaseAutoencoderConfig = BaseAutoencoderConfig()
+    image_encoder: BaseImageEncoderConfig = BaseImageEncoderConfig()
+    prior: BasePriorConfig = BasePriorConfig()
+    check: BaseCheckConfig = BaseCheckConfig()
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"resolution ({value}) must be a multiple of 8")
+        return value
+
+
 # -------------------------------------------------------------------- train_subject
 class PretrainQFormerConfig(_Section):
     """Stage 1, Q-Former pre-training with BLIP-2's three objectives (frozen image encoder)."""
 
     seed: int = 0
+    base: str | None = "models/base"  # the base stage's model; null: the preset's own networks (tests)
     steps: int = Field(600, ge=1)
     batch_size: int = Field(32, ge=2)  # per process; ITC and ITM need in-batch negatives
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -163,6 +214,7 @@ class TrainSubjectConfig(_Section):
     prompt_text: Literal["caption", "neutral"] = "neutral"
     # Start from this pre-trained Q-Former folder (stage pretrain_qformer's output); null =
     # the preset's own Q-Former (the released one for blipdiffusion).
+    base: str | None = "models/base"  # the base stage's model; null: the preset's own networks (tests)
     qformer: str | None = "models/qformer"
     train_qformer: bool = True  # Q-Former + projection (the image encoder stays frozen)
     train_text_encoder: bool = True
@@ -179,6 +231,15 @@ class TrainSubjectConfig(_Section):
     # Learning check: subject identification by denoising error on held-out views.
     id_draws: int = Field(8, ge=1)  # noise draws per held-out image
     id_min_timestep: int = Field(500, ge=0, le=999)
+    # Learning check: generation. Each held-out view's subject embeddings (with its class) and
+    # the text "a [class]", shared by every subject of the class, draw gen_images_per_view
+    # images (seeds seed + 0, 1, ...) at `resolution`; a fixed colour-and-shape
+    # classifier fitted on the training views names the subject of each
+    # (components/evaluation/subject_classifier.py). 0: no check.
+    gen_images_per_view: int = Field(4, ge=0)
+    gen_steps: int = Field(25, ge=1)  # sampler steps (PNDM)
+    gen_guidance_scale: float = Field(5.0, ge=0.0)  # classifier-free guidance (<= 1: none)
+    gen_batch_size: int = Field(64, ge=1)  # images per generate call
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainSubjectConfig":
@@ -208,6 +269,12 @@ class EvalFinetuneConfig(_Section):
 class EvaluateConfig(_Section):
     """DreamBench evaluation (DreamBooth protocol): generate, then score with DINO and CLIP."""
 
+    # The benchmark the protocol runs on: `dreambench` (the DreamBooth dataset's photos and
+    # prompts), `heldout` (the ingested subjects' held-out views, split test, laid out as
+    # DreamBench with background-scene prompts; `synthetic` is accepted for it: on the default
+    # profile they are the synthetic subjects), or `auto`: heldout on the tiny preset, whose
+    # model never saw DreamBench-like photos, else dreambench.
+    benchmark: Literal["auto", "dreambench", "heldout"] = "auto"
     seed: int = 0  # base of the per-image seeds (a hash of subject, prompt and image index)
     model: str = "models/blip_diffusion"  # the trained folder (train_subject), models:/NAME@ALIAS, or a hub id
     # Subset: `all` or a count (object and live subjects alternating) or a list of names.
@@ -232,6 +299,17 @@ class EvaluateConfig(_Section):
     clip_model: str = "auto"  # openai/clip-vit-base-patch32
     evaluator_batch_size: int = Field(32, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("benchmark", mode="before")
+    @classmethod
+    def _benchmark_alias(cls, value: Any) -> Any:
+        return "heldout" if value == "synthetic" else value
+
+    def benchmark_for(self, preset: str) -> str:
+        """The benchmark this evaluation runs on: `dreambench` or `heldout` (`auto` resolved)."""
+        if self.benchmark != "auto":
+            return self.benchmark
+        return "heldout" if preset == "tiny" else "dreambench"
 
     @model_validator(mode="after")
     def _consistent(self) -> "EvaluateConfig":
@@ -311,6 +389,7 @@ class Params(_Section):
     preset: Preset = "tiny"
     ingest: IngestConfig = IngestConfig()
     context: ContextConfig = ContextConfig()
+    base: BaseConfig = BaseConfig()
     pretrain_qformer: PretrainQFormerConfig = PretrainQFormerConfig()
     train_subject: TrainSubjectConfig = TrainSubjectConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

@@ -14,10 +14,13 @@ SUBJECTS_MANIFEST = Path("data/subjects.parquet")
 # context
 CONTEXT_DIR = Path("data/context")
 PAIRS_MANIFEST = Path("data/pairs.parquet")
+# base (the model stages 1 and 2 start from)
+BASE_DIR = Path("models/base")
 # pretrain_qformer
 QFORMER_DIR = Path("models/qformer")
 # train_subject
 BLIP_DIFFUSION_DIR = Path("models/blip_diffusion")
+SAMPLES_GRID = Path("reports/samples/grid.png")  # a DVC image plot: each subject's reference, prior, generations
 # evaluate (DreamBench)
 EVAL_DIR = Path("reports/dreambench")
 # export (ONNX graphs, TensorRT engines; the parity report)

@@ -224,7 +224,7 @@ class BlipDiffusion:
     @torch.inference_mode()
     def generate(
         self,
-        subject_embeds: torch.Tensor,
+        subject_embeds: torch.Tensor | None,
         prompts: list[str],
         target_subject: str | list[str],
         seeds: list[int],
@@ -242,7 +242,9 @@ class BlipDiffusion:
         """One image per (prompt, seed) pair: `prompts` and `seeds` have equal length.
 
         `subject_embeds` is (1, Q, D), shared, or (N, Q, D), one per prompt; `target_subject`
-        one class for all prompts or one per prompt. All images go through the UNet in one
+        one class for all prompts or one per prompt. `subject_embeds` None: plain text-to-image
+        (the base model's prior, as Stable Diffusion draws): each prompt is the whole text,
+        `target_subject` and the prompt builder unused. All images go through the UNet in one
         batch (two with guidance). `networks` runs the four networks (default: the bundle's
         PyTorch modules). Returns float images in [0, 1], shape (N, H, W, 3).
         """
@@ -257,7 +259,10 @@ class BlipDiffusion:
             raise BlipDiffError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         nets = TorchNetworks(self) if networks is None else networks
         sched = self.make_scheduler(scheduler)
-        built = [self.build_prompt(p, t, prompt_strength, prompt_reps) for p, t in zip(prompts, targets)]
+        if subject_embeds is None:
+            built = list(prompts)
+        else:
+            built = [self.build_prompt(p, t, prompt_strength, prompt_reps) for p, t in zip(prompts, targets)]
         guided = guidance_scale > 1.0
         text = self.text_conditioning(nets, subject_embeds, built, negative_prompt if guided else None)
         latents = self.initial_latents(nets, seeds, height, width) * sched.init_noise_sigma
@@ -278,16 +283,23 @@ class BlipDiffusion:
         image = nets.vae_decode(latents / nets.scaling_factor)
         return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
 
-    def text_conditioning(self, nets: Networks, subject_embeds: torch.Tensor, built: list[str],
+    def text_conditioning(self, nets: Networks, subject_embeds: torch.Tensor | None, built: list[str],
                           negative_prompt: str | None) -> torch.Tensor:
         """The UNet's text input for built prompts: (N, T, D), or (2N, T, D) with the negative
         prompt's branch first (classifier-free guidance; encoded once, without subject
-        embeddings, for all images)."""
-        count, (num_query, hidden) = len(built), subject_embeds.shape[1:]
-        embeds = subject_embeds.to(nets.device)
-        embeds = embeds.expand(count, -1, -1) if len(embeds) == 1 else embeds
-        cond = nets.text(prompt_ids(self.tokenizer, built, nets.text_length, num_query), embeds,
-                         torch.ones(count, dtype=torch.bool))
+        embeddings, for all images). `subject_embeds` None: the prompts alone, no subject."""
+        count, with_subject = len(built), subject_embeds is not None
+        if with_subject:
+            num_query, hidden = subject_embeds.shape[1:]
+        else:
+            num_query, hidden = self.qformer.config.num_query_tokens, self.text_encoder.config.hidden_size
+        if with_subject:
+            embeds = subject_embeds.to(nets.device)
+            embeds = embeds.expand(count, -1, -1) if len(embeds) == 1 else embeds
+        else:
+            embeds = torch.zeros(count, num_query, hidden, device=nets.device, dtype=nets.dtype)
+        cond = nets.text(prompt_ids(self.tokenizer, built, nets.text_length, num_query, [with_subject] * count),
+                         embeds, torch.full((count,), with_subject, dtype=torch.bool))
         if negative_prompt is None:
             return cond
         negative = nets.text(prompt_ids(self.tokenizer, [negative_prompt], nets.text_length, num_query, [False]),

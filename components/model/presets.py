@@ -8,7 +8,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from components.core.errors import BlipDiffError
+from components.core.paths import local_path
 from components.model import layout
 from components.model.blip_diffusion import BlipDiffusion
 
@@ -32,6 +35,18 @@ def from_preset(preset: str, checkpoint: str | None = None, seed: int = 0) -> Bl
         # Untrained subject encoder: the starting point of pre-training, not a generator yet.
         return sd15_blip2.build(seed=seed)
     raise BlipDiffError(f"unknown preset {preset!r}; choose tiny, blipdiffusion or sd15-blip2")
+
+
+def start_model(preset: str, base: str | None, root: Path, seed: int = 0) -> BlipDiffusion:
+    """Where stages 1 and 2 start: the base stage's folder (`base`, relative to `root`), or,
+    with `base` null, the preset's own networks (tiny: seeded random, for tests)."""
+    if base is None:
+        return from_preset(preset, seed=seed)
+    folder = local_path(base, root)
+    if not (folder / "model_index.json").is_file():
+        raise BlipDiffError(f"{folder}: no base model here (run `dvc repro base`, or set base: null to start "
+                            "from the preset's own networks)")
+    return layout.load(folder)
 
 
 def from_base(base: dict):

@@ -31,7 +31,7 @@ from components.core.errors import BlipDiffError
 from components.core.io import atomic_path
 from components.core.paths import QFORMER_DIR, SUBJECTS_MANIFEST, checkpoint_dir, checkpoint_root, curve_file
 from components.data.manifests import SUBJECTS_SCHEMA, read_manifest
-from components.model.presets import from_preset
+from components.model.presets import start_model
 from components.training import data as streaming
 from components.training import loop as training
 from components.training.data import CaptionData, candidate_captions
@@ -94,7 +94,7 @@ def build_data(params: Params, root: Path, accelerator, frame, train_frame, held
     and the retrieval check's candidate captions."""
     cfg = params.pretrain_qformer
     torch.manual_seed(cfg.seed)
-    model = from_preset(params.preset, seed=cfg.seed)
+    model = start_model(params.preset, cfg.base, root, seed=cfg.seed)
     tokenizer = model.qformer_tokenizer
     max_length = min(cfg.max_text_length, model.qformer.config.qformer_config.max_position_embeddings)
     train = CaptionData(train_frame, root, model.image_processor, tokenizer, max_length)

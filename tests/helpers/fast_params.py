@@ -1,0 +1,7 @@
+"""Params sections that make a stage run in seconds, for tests that run the pipeline for its
+plumbing (dvc repro in a checkout, Prefect runs, MLflow pages), not for what it learns."""
+
+# the base stage: a few steps of each part at 16 px (its model does not draw; the default
+# profile's base is tested by the `default_run` fixture's tests)
+FAST_BASE = {"resolution": 16, "batch_size": 4, "autoencoder": {"steps": 2}, "image_encoder": {"steps": 2},
+             "prior": {"steps": 2, "warmup_steps": 1}, "check": {"images_per_subject": 1, "steps": 2}}
