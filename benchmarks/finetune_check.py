@@ -28,8 +28,7 @@ import torch
 from components.core.config import load_params
 from components.core.paths import BLIP_DIFFUSION_DIR
 from components.data import synthetic
-from components.data.images import read_listed_rgb
-from components.evaluation.subject_classifier import SubjectClassifier, _read, subject_rows
+from components.evaluation.subject_classifier import SubjectClassifier, read_views, subject_rows
 from components.model import layout
 from components.training.finetune import FinetuneConfig, finetune
 
@@ -51,7 +50,7 @@ def main() -> None:
     if not new:
         raise SystemExit("every synthetic subject is in the training data: lower ingest.synthetic.num_subjects")
     train = subject_rows(root, "train")
-    known_images, known_labels = _read(train, root), list(train["subject_id"])
+    known_images, known_labels = read_views(train, root), list(train["subject_id"])
     print(f"model {root / BLIP_DIFFUSION_DIR}; {len(new)} unseen subjects; {args.refs} references, "
           f"{args.images} images per mode; fine-tuning {args.steps} steps at lr {args.learning_rate}")
     totals = {"zero_shot": [], "finetuned": []}

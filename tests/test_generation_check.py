@@ -178,18 +178,6 @@ def test_grid_lays_out_tiles_headers_and_labels():
         image_grid(cells, ["one"], columns)
 
 
-def test_subject_caption_drops_the_background_phrase():
-    from components.stages.train_subject import subject_caption
-
-    assert subject_caption("a red star-shaped toy with dots on a striped background", "toy") == \
-        "a red star-shaped toy with dots"
-    assert subject_caption("a green vase with a checker pattern on a blotchy background", "vase") == \
-        "a green vase with a checker pattern"
-    assert subject_caption(None, "dog") == "a dog"
-    assert subject_caption("a photo of my dog", "dog") == "a photo of my dog"
-
-
-# ------------------------------------------------------------------------ the stage
 def test_stage_writes_the_grid_and_the_generation_metrics(tmp_path):
     """train_subject on a tiny set, started from a base model folder: the metrics hold the
     generation check, the grid is written (one row per subject, 5 columns, 3x tiles; the prior

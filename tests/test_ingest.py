@@ -156,3 +156,33 @@ def test_download_verifies_checksums(tmp_path, dreambench_dir):
     assert not (tmp_path / "cache2" / "dataset").exists()
     with pytest.raises(BlipDiffError, match="could not download"):
         dreambench.download((tmp_path / "missing.zip").as_uri(), tmp_path / "cache3")
+
+
+def test_default_synthetic_subjects_share_class_words_and_record_their_scene(tmp_path):
+    """12 subjects in 4 classes of 3 (colour, shape and texture differ within a class, so the
+    class word never names the subject); each view records its scene, and a manifest written
+    before the scene column existed reads it as null."""
+    import pyarrow.parquet as pq
+
+    from components.data import synthetic
+    from components.data.backgrounds import BACKGROUND_PHRASES
+
+    subjects = synthetic.make_subjects(12, 0)
+    by_class = {}
+    for s in subjects:
+        by_class.setdefault(s.class_name, []).append(s)
+    assert sorted(len(v) for v in by_class.values()) == [3, 3, 3, 3]
+    for members in by_class.values():
+        for field in ("colour", "shape", "texture"):
+            assert len({getattr(s, field) for s in members}) == 3
+    assert [s.subject_id for s in synthetic.make_subjects(5, 0)] == [s.subject_id for s in subjects[:5]]
+
+    cfg = IngestConfig(synthetic={"num_subjects": 2, "min_views": 3, "max_views": 3, "image_size": 48})
+    ingest.ingest_subjects(cfg, tmp_path)
+    frame = read_manifest(tmp_path / paths.SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
+    phrases = {f"on a {p} background" for p in BACKGROUND_PHRASES.values()}
+    assert set(frame["scene"]) <= phrases and frame["scene"].nunique() > 1
+    assert not frame["caption"].str.contains("background").any()  # the caption says what, the scene where
+    table = pq.read_table(tmp_path / paths.SUBJECTS_MANIFEST).drop_columns(["scene"])
+    pq.write_table(table, tmp_path / "old.parquet")
+    assert read_manifest(tmp_path / "old.parquet", SUBJECTS_SCHEMA)["scene"].isna().all()

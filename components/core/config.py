@@ -117,7 +117,7 @@ class BaseAutoencoderConfig(_Section):
 
 
 class BaseImageEncoderConfig(_Section):
-    steps: int = Field(300, ge=0)  # 0: keep the random image encoder
+    steps: int = Field(1000, ge=0)  # 0: keep the random image encoder
     learning_rate: float = Field(1e-3, gt=0.0)
     temperature: float = Field(0.07, gt=0.0)
 
@@ -165,7 +165,7 @@ class PretrainQFormerConfig(_Section):
 
     seed: int = 0
     base: str | None = "models/base"  # the base stage's model; null: the preset's own networks (tests)
-    steps: int = Field(600, ge=1)
+    steps: int = Field(400, ge=1)
     batch_size: int = Field(32, ge=2)  # per process; ITC and ITM need in-batch negatives
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(2e-3, gt=0.0)  # tiny preset; BLIP-2 used 1e-4 at full scale

@@ -22,14 +22,10 @@ def scene(kind: str) -> str:
     return f"on a {BACKGROUND_PHRASES[kind]} background"
 
 
-def without_scene(caption: str) -> str:
-    """A caption without its scene: "a red star-shaped toy with dots on a striped background"
-    -> "a red star-shaped toy with dots" (unchanged when it names none)."""
-    for kind in KINDS:
-        suffix = " " + scene(kind)
-        if caption.endswith(suffix):
-            return caption[: -len(suffix)]
-    return caption
+def with_scene(caption: str, where: str | None) -> str:
+    """A caption and where the subject is: "a red star-shaped toy with dots on a striped
+    background" (the caption alone when the scene is unknown)."""
+    return f"{caption} {where}" if isinstance(where, str) and where else caption
 
 
 def _colour(rng: np.random.Generator) -> np.ndarray:

@@ -27,10 +27,13 @@ SUBJECTS_SCHEMA = pa.schema(
         ("content_hash", pa.string()),  # sha256 of the normalised pixels
         ("width", pa.int32()),
         ("height", pa.int32()),
-        ("caption", pa.string()),  # null when the source has none
+        ("caption", pa.string()),  # what the subject is; null when the source has none
         ("source_path", pa.string()),  # where the image came from
+        ("scene", pa.string()),  # where it is ("on a striped background"); null when unknown
     ]
 )
+# Columns added after manifests were first written: read as null from a manifest without them.
+OPTIONAL_COLUMNS = ("scene",)
 
 # One row per training pair (stage context).
 PAIRS_SCHEMA = pa.schema(
@@ -66,8 +69,10 @@ def read_manifest(path: Path, schema: pa.Schema) -> pd.DataFrame:
     except (pa.ArrowInvalid, OSError) as exc:
         raise BlipDiffError(f"{path}: not a readable parquet file: {exc}") from None
     missing = [name for name in schema.names if name not in table.column_names]
-    if missing:
+    if [name for name in missing if name not in OPTIONAL_COLUMNS]:
         raise BlipDiffError(f"{path}: missing columns {missing}")
+    for name in missing:
+        table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
     return table.select(schema.names).to_pandas()
 
 

@@ -34,6 +34,7 @@ class Candidate:
     load: Callable[[], images.LoadedImage]
     category: str | None = None
     caption: str | None = None
+    scene: str | None = None  # where the subject is, when the source knows ("on a striped background")
 
 
 def subject_id_from_name(name: str) -> str:
@@ -58,7 +59,8 @@ def synthetic_candidates(cfg: IngestConfig) -> Iterator[Candidate]:
             class_name=subject.class_name,
             source_path=f"synthetic://{subject.subject_id}/{view.view_index:02d}",
             load=lambda v=view: images.cap_size(images.LoadedImage(rgb=v.image, alpha=v.alpha), cfg.max_side),
-            caption=view.caption,
+            caption=subject.caption,
+            scene=view.scene,
         )
 
 

@@ -50,9 +50,9 @@ class SyntheticView:
     background: str = "gradient"  # the background's kind (components.data.backgrounds.KINDS)
 
     @property
-    def caption(self) -> str:
-        """The subject's caption and its scene: "a red star-shaped toy with dots on a striped background"."""
-        return f"{self.subject.caption} {scene(self.background)}"
+    def scene(self) -> str:
+        """Where the subject is: "on a striped background"."""
+        return scene(self.background)
 
 
 # Saturated, well-separated hues plus white and black; backgrounds are muted, so these pop.

@@ -166,7 +166,7 @@ class SubjectClassifier:
             raise BlipDiffError(f"{SUBJECTS_MANIFEST}: no training views to fit the subject classifier on")
         masks = [read_alpha(root / m) if isinstance(m, str) and (root / m).is_file() else None
                  for m in frame["mask_path"]]
-        return cls.fit_images(_read(frame, root), list(frame["subject_id"]), size, masks)
+        return cls.fit_images(read_views(frame, root), list(frame["subject_id"]), size, masks)
 
     @classmethod
     def fit_images(cls, images: Sequence, labels: Sequence[str], size: int = DEFAULT_SIZE,
@@ -200,11 +200,12 @@ class SubjectClassifier:
         the subjects it knows that it names right, each classified without its mask, as a
         generated image is."""
         frame = frame[frame["subject_id"].isin(set(self.subjects))]
-        return self.score(_read(frame, root), list(frame["subject_id"]))
+        return self.score(read_views(frame, root), list(frame["subject_id"]))
 
 
 # -------------------------------------------------------------- on the ingested data
-def _read(frame, root: Path) -> list[np.ndarray]:
+def read_views(frame, root: Path) -> list[np.ndarray]:
+    """The images of manifest rows (as ingest wrote them)."""
     from components.data.images import read_listed_rgb
 
     return [read_listed_rgb(root, p, SUBJECTS_MANIFEST, "ingest") for p in frame["image_path"]]

@@ -29,6 +29,7 @@ from components.core.config import BaseConfig, Params
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path
 from components.core.paths import BASE_DIR, SUBJECTS_MANIFEST, local_path
+from components.data.backgrounds import with_scene
 from components.data.images import read_rgb
 from components.data.manifests import SUBJECTS_SCHEMA, read_manifest
 from components.model import layout
@@ -70,7 +71,8 @@ def read_data(root: Path) -> tuple[BaseData, BaseData]:
         raise BlipDiffError(f"{SUBJECTS_MANIFEST}: the tiny base trains on square images of one size, got {sorted(sizes)[:4]}")
 
     def part(rows) -> BaseData:
-        return BaseData.from_arrays([read_rgb(root / p) for p in rows["image_path"]], list(rows["caption"]),
+        captions = [with_scene(c, s) for c, s in zip(rows["caption"], rows["scene"])]
+        return BaseData.from_arrays([read_rgb(root / p) for p in rows["image_path"]], captions,
                                     list(rows["subject_id"]), subjects)
 
     train, held = frame[frame["split"] == "train"], frame[frame["split"] == "test"]
@@ -115,7 +117,7 @@ def prior_check(model, root: Path, cfg: BaseConfig) -> tuple[dict, np.ndarray]:
     scenes; the subject classifier (fitted on the training views) names each drawing."""
     from scipy.stats import binom
 
-    from components.data.backgrounds import KINDS, scene, without_scene
+    from components.data.backgrounds import KINDS, scene
     from components.evaluation.subject_classifier import SubjectClassifier
 
     frame = read_manifest(root / SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
@@ -125,7 +127,7 @@ def prior_check(model, root: Path, cfg: BaseConfig) -> tuple[dict, np.ndarray]:
     n = cfg.check.images_per_subject
     prompts, truth, seeds = [], [], []
     for k, subject in enumerate(subjects):
-        subject_caption = without_scene(first.loc[subject, "caption"])
+        subject_caption = first.loc[subject, "caption"]
         for i in range(n):
             prompts.append(f"{subject_caption} {scene(KINDS[i % len(KINDS)])}")
             truth.append(subject)

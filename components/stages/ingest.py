@@ -74,7 +74,7 @@ def write_image(cand, image, index: int, tmp_dir: Path) -> dict:
     return {"subject_id": cand.subject_id, "class_name": cand.class_name, "category": cand.category,
             "image_path": (SUBJECTS_DIR / "images" / name).as_posix(), "mask_path": mask_rel, "split": "train",
             "content_hash": image.content_hash, "width": w, "height": h, "caption": cand.caption,
-            "source_path": cand.source_path}
+            "source_path": cand.source_path, "scene": cand.scene}
 
 
 def check_skipped(cfg: IngestConfig, skipped: Counter, found: int, written: int) -> float:

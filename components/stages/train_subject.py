@@ -40,7 +40,7 @@ from components.core.errors import BlipDiffError
 from components.core.io import atomic_path, folder_hash
 from components.core.paths import (BLIP_DIFFUSION_DIR, PAIRS_MANIFEST, SAMPLES_GRID, checkpoint_dir, checkpoint_root,
                                    curve_file, local_path)
-from components.data.backgrounds import BACKGROUND_PHRASES, scene, without_scene
+from components.data.backgrounds import BACKGROUND_PHRASES, scene
 from components.data.images import save_png
 from components.data.manifests import PAIRS_SCHEMA, read_manifest
 from components.evaluation.grid import image_grid
@@ -251,12 +251,6 @@ def captions_of(frame) -> dict[str, str]:
     return {s: c for s, c in zip(first["subject_id"], first["caption"]) if isinstance(c, str) and c.strip()}
 
 
-def subject_caption(caption: str | None, class_name: str) -> str:
-    """A caption without its background phrase ("a red star-shaped toy with dots on a
-    striped background" -> "a red star-shaped toy with dots"); "a [class]" without one."""
-    return without_scene(caption) if caption else f"a {class_name}"
-
-
 def base_priors(root: Path, prompts: list[str], classes: list[str], cfg: TrainSubjectConfig, device) -> list:
     """The base model's (`train_subject.base`, the base stage's `models/base`) plain
     text-to-image drawings of `prompts`, seed `seed`; Nones (grey cells) without one."""
@@ -289,7 +283,7 @@ def sample_grid(model, root: Path, train: PairDataset, held_out: PairDataset | N
     embeds = torch.cat([model.subject_embeddings([ref], c) for ref, c in zip(refs, classes)])
     drawn = draw_batched(model, embeds.repeat_interleave(n, 0), [scene(kind) for _ in refs for kind in GRID_CONTEXTS],
                          [c for c in classes for _ in range(n)], [cfg.seed] * (len(refs) * n), cfg, size)
-    prompts = [f"{subject_caption(captions.get(s), c)} {scene(PRIOR_CONTEXT)}" for s, c in zip(train.subjects, classes)]
+    prompts = [f"{captions.get(s) or f'a {c}'} {scene(PRIOR_CONTEXT)}" for s, c in zip(train.subjects, classes)]
     priors = base_priors(root, prompts, list(classes), cfg, model.device)
     # the reference as the model sees it (bicubic to its size), like the drawings beside it
     shown = [np.asarray(Image.fromarray(ref).resize((size, size), Image.Resampling.BICUBIC)) for ref in refs]
