@@ -10,7 +10,8 @@ same seed). For each, its first `--refs` views are the reference images:
   on the references, then `--images` images from the fine-tuned model and its embeddings.
 
 The subject classifier (components/evaluation/subject_classifier.py) is fitted on the
-ingested training views plus the new subject's references; it names every image. Prints
+ingested training views plus the new subject's references (with their masks, as the stage's
+check fits it); it names every image. Prints
 how often each mode's images are named as the subject, and the chance level.
 
     python benchmarks/finetune_check.py [--root .] [--images 16] [--steps 40] [--learning-rate 5e-6]
@@ -28,6 +29,7 @@ import torch
 from components.core.config import load_params
 from components.core.paths import BLIP_DIFFUSION_DIR
 from components.data import synthetic
+from components.data.images import read_alpha
 from components.evaluation.subject_classifier import SubjectClassifier, read_views, subject_rows
 from components.model import layout
 from components.training.finetune import FinetuneConfig, finetune
@@ -51,14 +53,16 @@ def main() -> None:
         raise SystemExit("every synthetic subject is in the training data: lower ingest.synthetic.num_subjects")
     train = subject_rows(root, "train")
     known_images, known_labels = read_views(train, root), list(train["subject_id"])
+    known_masks = [read_alpha(root / m) if isinstance(m, str) else None for m in train["mask_path"]]
     print(f"model {root / BLIP_DIFFUSION_DIR}; {len(new)} unseen subjects; {args.refs} references, "
           f"{args.images} images per mode; fine-tuning {args.steps} steps at lr {args.learning_rate}")
     totals = {"zero_shot": [], "finetuned": []}
     for subject in new:
         views = synthetic.render_views(subject, args.refs, syn.image_size, seed)
         refs = [v.image for v in views]
-        classifier = SubjectClassifier.fit_images(known_images + refs, known_labels + [subject.subject_id],
-                                                  size=32)
+        classifier = SubjectClassifier.fit_images(known_images + refs,
+                                                  known_labels + [subject.subject_id] * len(refs), size=32,
+                                                  masks=known_masks + [v.alpha for v in views])
         chance = 1.0 / len(classifier.subjects)
         model = layout.load(root / BLIP_DIFFUSION_DIR)
         size = model.native_size
