@@ -72,11 +72,21 @@ def test_uncached_hub_tokenizer_fails_fast_offline(ckpt, monkeypatch, tmp_path, 
     assert "put its vocab.txt in" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_tokenizer_that_does_not_fit_the_embeddings_is_refused(ckpt):
+def test_tokenizer_with_ids_past_the_embeddings_is_refused(ckpt):
     vocab = ckpt / "qformer_tokenizer" / "vocab.txt"
-    vocab.write_text("\n".join(vocab.read_text().split("\n")[:-6]) + "\n")  # five words fewer
-    with pytest.raises(BlipDiffError, match="word embeddings: not the tokenizer it was trained with"):
+    vocab.write_text(vocab.read_text() + "".join(f"extra{i}\n" for i in range(5)))  # five words more
+    with pytest.raises(BlipDiffError, match="word embeddings: ids past the table, not the tokenizer it was"):
         layout.load(ckpt)
+
+
+def test_padded_word_embedding_table_loads(ckpt):
+    """A Q-Former whose word-embedding table is larger than its tokenizer (a padded vocabulary,
+    as checkpoints saved by the reference pipeline can have) loads, as the reference loads it."""
+    vocab = ckpt / "qformer_tokenizer" / "vocab.txt"
+    words = vocab.read_text().split("\n")
+    vocab.write_text("\n".join(words[:-6]) + "\n")  # five words fewer than the table's rows
+    model = layout.load(ckpt)
+    assert len(model.qformer_tokenizer) < model.qformer.config.qformer_config.vocab_size
 
 
 def test_null_mean_std_use_the_processors_own(ckpt):

@@ -154,8 +154,9 @@ def qformer_tokenizer_source(folder: Path) -> Path:
 
 
 def load_qformer_tokenizer(folder: Path, vocab_size: int | None = None):
-    """The Q-Former's BERT tokenizer, with BLIP-2's [DEC] start token; refused when its
-    vocabulary does not fit the Q-Former's word embeddings (`vocab_size` rows)."""
+    """The Q-Former's BERT tokenizer, with BLIP-2's [DEC] start token; refused when it has ids
+    beyond the Q-Former's word embeddings (`vocab_size` rows). A table larger than the
+    tokenizer loads, as the reference pipeline loads it (vocabularies padded to a multiple)."""
     from transformers import BertTokenizer
 
     source = qformer_tokenizer_source(folder)
@@ -165,10 +166,10 @@ def load_qformer_tokenizer(folder: Path, vocab_size: int | None = None):
         raise BlipDiffError(f"{source}: not a BERT tokenizer ({exc})") from None
     if tokenizer.bos_token is None:
         tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    if vocab_size is not None and len(tokenizer) != vocab_size:
+    if vocab_size is not None and len(tokenizer) > vocab_size:
         raise BlipDiffError(f"{source}: the tokenizer has {len(tokenizer)} tokens ([DEC] included) but the "
-                            f"Q-Former in {folder} has {vocab_size} word embeddings: not the tokenizer it was "
-                            "trained with")
+                            f"Q-Former in {folder} has {vocab_size} word embeddings: ids past the table, not the "
+                            "tokenizer it was trained with")
     return tokenizer
 
 
