@@ -60,6 +60,20 @@ def test_tiny_base_is_a_model_folder_with_a_manifest_and_its_metrics(subjects_ro
     assert torch.equal(started.vae.decoder.conv_out.weight, model.vae.decoder.conv_out.weight)
 
 
+def test_a_model_saved_after_loading_does_not_record_where_it_was_loaded_from(tmp_path):
+    """Stage 2 loads the base from models/base and saves the trained model: its folder must not
+    hold that absolute path (diffusers' `_name_or_path`), or the same run on another machine
+    or checkout gives other bytes (and another dvc.lock)."""
+    from components.model.tiny.blip_diffusion import build_tiny
+
+    layout.save(build_tiny(0, image_size=16), tmp_path / "a")
+    layout.save(layout.load(tmp_path / "a"), tmp_path / "b")
+    for sub in ("unet", "vae", "text_encoder", "qformer"):
+        text = (tmp_path / "b" / sub / "config.json").read_text()
+        assert str(tmp_path) not in text, sub
+        assert text == (tmp_path / "a" / sub / "config.json").read_text(), sub
+
+
 def test_same_seed_same_base_bytes(subjects_root, tmp_path):
     import shutil
 

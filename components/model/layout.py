@@ -55,6 +55,8 @@ def save(model: BlipDiffusion, path: str | Path) -> None:
         model.tokenizer.save_pretrained(tmp / "tokenizer")
         model.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         model.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        for sub in ("unet", "vae"):  # diffusers records where a model was loaded from: not portable
+            _drop_load_path(tmp / sub / "config.json")
         model.scheduler.save_pretrained(tmp / "scheduler")
         (tmp / "image_processor").mkdir()
         (tmp / "image_processor" / "preprocessor_config.json").write_text(
@@ -62,6 +64,14 @@ def save(model: BlipDiffusion, path: str | Path) -> None:
         index = dict(MODEL_INDEX, ctx_begin_pos=model.ctx_begin_pos,
                      mean=list(model.image_processor.mean), std=list(model.image_processor.std))
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _drop_load_path(config: Path) -> None:
+    """Remove `_name_or_path` (the absolute folder a diffusers model was loaded from) from a
+    saved config, so a folder saved from a loaded model is the same bytes on every machine."""
+    values = json.loads(config.read_text())
+    if values.pop("_name_or_path", None) is not None:
+        config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 # -------------------------------------------------------------------- reading
