@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from components.core import paths
-from components.core.config import IngestConfig, Params
+from components.core.config import IngestConfig, Params, load_params
 from components.evaluation.grid import grid_layout, image_grid
 from components.evaluation.subject_classifier import (SubjectClassifier, mask_array, subject_classes, subject_rows,
                                                       subject_weights, to_rgb_array)
@@ -233,7 +233,8 @@ def test_generation_check_far_above_chance(default_run):
     metrics = json.loads((default_run / paths.metrics_file("train_subject")).read_text())
     print("generation check:", {k: v for k, v in metrics.items() if k.startswith("gen_")})
     assert metrics["gen_classifier_real_accuracy"] > 0.8, metrics
-    assert metrics["gen_images"] == 36 * 2 and metrics["gen_chance"] == pytest.approx(1 / 12)
+    per_view = load_params(default_run / "params.yaml").train_subject.gen_images_per_view
+    assert metrics["gen_images"] == 36 * per_view and metrics["gen_chance"] == pytest.approx(1 / 12)
     assert metrics["gen_accuracy"] >= 3 * metrics["gen_chance"], metrics
     assert metrics["gen_p_value"] < 0.01, metrics
     subjects, layout = _default_grid_layout(default_run)

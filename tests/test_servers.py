@@ -150,7 +150,8 @@ def test_mlflow_ui_compares_two_stage_runs_in_chromium(tmp_path):
     if shots.chromium() is None:
         pytest.skip("no chromium on PATH (Debian: apt-get install chromium)")
     work = shots.make_workdir(tmp_path / "work", {
-        "ingest": {"synthetic": {"num_subjects": 3, "min_views": 3, "max_views": 3, "image_size": 64}},
+        "ingest": {"test_views_per_subject": 1,
+                   "synthetic": {"num_subjects": 3, "min_views": 3, "max_views": 3, "image_size": 64}},
         "base": FAST_BASE,
         "pretrain_qformer": {"steps": 4, "batch_size": 4, "log_every": 1},
     })

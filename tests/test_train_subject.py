@@ -140,8 +140,9 @@ def test_two_cpu_processes_with_accelerate_launch(pairs_root, tmp_path):
     from tests.conftest import REPO
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["pretrain_qformer"].update(steps=2, batch_size=4, log_every=1)
-    raw["train_subject"].update(steps=2, batch_size=2, resolution=16, log_every=1, id_draws=1)
+    raw["pretrain_qformer"].update(steps=2, batch_size=4, log_every=1, base=None)
+    raw["train_subject"].update(steps=2, batch_size=2, resolution=16, log_every=1, id_draws=1, base=None,
+                                gen_images_per_view=1, gen_steps=2)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     from tests.helpers.launch import launch_two
 
