@@ -259,6 +259,8 @@ def up(mlflow_port: int = 5000, prefect_port: int = 4200, backend_store_uri: str
     if _ports_in_use(mlflow_port, prefect_port):
         return 1
     signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C stops everything even when this process was started with SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     services: list[Service] = []
     code = 0
     try:

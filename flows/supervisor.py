@@ -170,6 +170,11 @@ def http_ok(url: str, timeout: float = 3.0, data: bytes | None = None) -> bytes:
         return answer.read()
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default (an ignored signal is inherited)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(name: str, cmd: Sequence[str], *, url: str, log_dir: Path, ready: Callable[[], bool] | None,
           env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 180.0,
           stop_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Service:
@@ -181,8 +186,11 @@ def start(name: str, cmd: Sequence[str], *, url: str, log_dir: Path, ready: Call
     with open(log, "ab") as out:
         out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(map(str, cmd))}\n".encode())
         out.flush()
+        # A process started with SIGINT ignored (a background job of a script, nohup) passes
+        # that on to its children, and a stop by SIGINT would never reach them: reset it.
         process = subprocess.Popen([str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+                                   stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True,
+                                   preexec_fn=_default_sigint)
     service = Service(name, url, process, log, stop_signals)
     if ready is not None:
         try:

@@ -227,3 +227,26 @@ def test_make_serve_starts_everything_and_ctrl_c_stops_it(tmp_path):
 
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"
+
+
+def test_a_service_started_with_sigint_ignored_still_stops_on_sigint(tmp_path):
+    """A process started with SIGINT ignored (a script's background job, nohup) hands that on
+    to its children, and `make serve`'s Ctrl-C would never reach them: the supervisor resets
+    SIGINT to its default in every service it starts."""
+    from flows import supervisor
+
+    script = "import signal, time; print(signal.getsignal(signal.SIGINT), flush=True); time.sleep(60)"
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        service = supervisor.start("sleeper", [sys.executable, "-c", script], url="", log_dir=tmp_path, ready=None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        deadline = time.time() + 20
+        while "default_int_handler" not in service.log.read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        assert "default_int_handler" in service.log.read_text(), service.log_tail()
+        os.killpg(service.process.pid, signal.SIGINT)
+        assert service.process.wait(timeout=10) != 0  # KeyboardInterrupt ended it
+    finally:
+        service.stop(grace=1.0)
