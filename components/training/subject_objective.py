@@ -222,7 +222,8 @@ def generation_accuracy(model, held_out: PairDataset, classify, subject_classes:
     pairs = sorted(set(zip(targets, seeds)))
     shared = names(draw_batched(model, None, [model.build_prompt("", t) for t, _ in pairs], [t for t, _ in pairs],
                                 [seed for _, seed in pairs], cfg, size))
-    text_only = [dict(zip(pairs, shared))[key] for key in zip(targets, seeds)]
+    by_pair = dict(zip(pairs, shared))
+    text_only = [by_pair[key] for key in zip(targets, seeds)]
     correct = sum(n == truth[i] for n, i in zip(named, index))
     text_correct = sum(n == truth[i] for n, i in zip(text_only, index))
     members = {c: sum(v == c for v in subject_classes.values()) for c in set(subject_classes.values())}
