@@ -7,6 +7,13 @@ Writes out/images/NNNN.png and out/records.json (one entry per image: prompt, se
 every other input that made it). Subject embeddings can be saved (`--save-embeddings`)
 and reused (`--embeddings`) instead of the reference images.
 
+ControlNet guidance: `--control-image edges_or_photo.png` with a model that has a ControlNet
+(a checkpoint in the `Salesforce/blipdiffusion-controlnet` layout, or `--controlnet DIR|HUB_ID`
+added to any checkpoint); `--control-type canny` (default) makes the photo's edge map first,
+`none` takes the image as the condition map itself. Several ControlNets: repeat `--controlnet`
+and give one `--control-image` (and `--controlnet-scale`) per ControlNet. The condition maps
+the ControlNets saw are written to out/control/.
+
 With `--finetuned`, the model is the base the folder records (`blipdiff finetune` writes it)
 unless `--checkpoint` or `--preset` names another; either way its weights must hash as the
 recorded base's, else generation stops naming both.
@@ -24,7 +31,7 @@ from components.core.config import params_preset
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path
 from components.data.images import MAX_PIXELS, read_subject_images, save_png
-from components.model import finetuned, presets, sources
+from components.model import controlnet, finetuned, layout, presets, sources
 from components.model.blip_diffusion import SCHEDULERS
 from components.model.device import DTYPES, placement
 from components.model.embeddings import load_embeddings, save_embeddings
@@ -41,6 +48,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     src.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                      help="auto: fp16 on GPU, fp32 on CPU")
+    ctl = p.add_argument_group("control (ControlNet)")
+    ctl.add_argument("--controlnet", action="append", default=[], metavar="DIR|HUB_ID",
+                     help="add a diffusers ControlNetModel (a folder, a checkpoint with controlnet/, or a hub id); "
+                          "repeatable: several ControlNets, residuals summed")
+    ctl.add_argument("--control-image", action="append", default=[], type=Path, metavar="PATH",
+                     help="the structure to follow. One ControlNet: once (all prompts) or once per --prompt; "
+                          "several: once per ControlNet, in order")
+    ctl.add_argument("--control-type", default="canny", metavar="canny|none",
+                     help="canny: the image's edge map (OpenCV); none: the image is already a condition map "
+                          "(e.g. a depth or HED map made elsewhere: their estimators need hub weights, so only "
+                          "canny and none work offline)")
+    ctl.add_argument("--canny-low", type=int, default=controlnet.CANNY_LOW,
+                     help="canny's low threshold (default 100; LAVIS uses 30/70 for dense edges)")
+    ctl.add_argument("--canny-high", type=int, default=controlnet.CANNY_HIGH, help="canny's high threshold")
+    ctl.add_argument("--controlnet-scale", type=float, nargs="+", default=[1.0],
+                     help="the residuals' scale: one, or one per ControlNet (0: as without ControlNet)")
+    ctl.add_argument("--control-start", type=float, default=0.0,
+                     help="the ControlNets act from this fraction of the steps ...")
+    ctl.add_argument("--control-end", type=float, default=1.0, help="... up to this one")
     subj = p.add_argument_group("subject")
     subj.add_argument("--subject-image", nargs="+", type=Path, default=[],
                       help="reference image(s) of the subject; their embeddings are averaged")
@@ -99,6 +125,50 @@ def _validate(args) -> None:
         raise BlipDiffError(f"{args.finetuned}: not a fine-tuned subject folder (no {finetuned.EMBEDDINGS_FILE})")
     if args.checkpoint:
         sources.check(args.checkpoint, "--checkpoint", kinds=("model", "hub"))
+    _validate_control(args, len(prompts))
+
+
+def _checkpoint_controlnets(args) -> int | None:
+    """ControlNets a local --checkpoint brings (None: not known before loading it)."""
+    if not args.checkpoint:
+        return 0
+    index = Path(args.checkpoint).expanduser() / "model_index.json"
+    if not index.is_file():
+        return None
+    return int(layout.CONTROLNET in json.loads(index.read_text()))
+
+
+def _validate_control(args, prompts: int) -> None:
+    """Everything about the control flags that can be judged before a model is loaded."""
+    if args.control_type in controlnet.NEEDS_WEIGHTS or args.control_type not in controlnet.CONTROL_TYPES:
+        controlnet.condition_map(None, args.control_type)  # the one-line error
+    if not 0 <= args.canny_low <= args.canny_high:
+        raise BlipDiffError(f"--canny-low/--canny-high must satisfy 0 <= low <= high, got {args.canny_low}/"
+                            f"{args.canny_high}")
+    if not 0.0 <= args.control_start < args.control_end <= 1.0:
+        raise BlipDiffError(f"--control-start {args.control_start} / --control-end {args.control_end}: need "
+                            "0 <= start < end <= 1")
+    own = _checkpoint_controlnets(args)
+    nets = None if own is None else own + len(args.controlnet)
+    if not args.control_image:
+        if args.controlnet:
+            raise BlipDiffError("--controlnet without --control-image: give the structure to follow")
+        return
+    if nets == 0:
+        raise BlipDiffError("--control-image needs a ControlNet: add one with --controlnet DIR|HUB_ID, or use a "
+                            "checkpoint with a controlnet/ folder")
+    if nets is not None:
+        _control_counts(nets, len(args.control_image), len(args.controlnet_scale), prompts)
+
+
+def _control_counts(nets: int, images: int, scales: int, prompts: int) -> None:
+    if nets == 1 and images not in (1, prompts):
+        raise BlipDiffError(f"{images} --control-image for {prompts} prompts: give one, or one per --prompt")
+    if nets > 1 and images != nets:
+        raise BlipDiffError(f"{images} --control-image for {nets} ControlNets: give one per ControlNet")
+    if scales not in (1, nets):
+        raise BlipDiffError(f"{scales} --controlnet-scale values for {nets} ControlNets: give one, or one per "
+                            "ControlNet")
 
 
 def _base(args) -> dict:
@@ -137,16 +207,39 @@ def _subject(args, model, refs) -> tuple:
     return embeds, source
 
 
+def _control(args, model, prompts: list[str], height: int, width: int) -> tuple[controlnet.Control | None, list]:
+    """The `Control` of this run (condition images per ControlNet, at the output size, one per
+    image) and the condition maps as the ControlNets see them before the resize."""
+    if not args.control_image:
+        return None, []
+    nets = len(model.controlnets)
+    _control_counts(nets, len(args.control_image), len(args.controlnet_scale), len(args.prompt))
+    maps = [controlnet.condition_map(im, args.control_type, args.canny_low, args.canny_high)
+            for im in read_subject_images(args.control_image, max_side=4096, max_pixels=args.max_image_pixels,
+                                          what="control image")]
+    pixels = controlnet.control_pixels(maps, height, width)
+    if nets == 1:  # one image for all, or one per --prompt, repeated for its images
+        images = [pixels if len(maps) == 1 else pixels.repeat_interleave(args.images_per_prompt, dim=0)]
+    else:
+        images = [pixels[k:k + 1] for k in range(nets)]
+    scales = args.controlnet_scale * (nets if len(args.controlnet_scale) == 1 else 1)
+    return controlnet.Control(images, scales, args.control_start, args.control_end), maps
+
+
 def run(args) -> list[dict]:
     _validate(args)
     # the user's images first: a bad one stops the run before any model is built
     refs = read_subject_images(args.subject_image, max_pixels=args.max_image_pixels) if args.subject_image else []
+    if args.control_image:  # unreadable or oversized: stop before loading anything
+        read_subject_images(args.control_image, max_side=4096, max_pixels=args.max_image_pixels,
+                            what="control image")
     device, dtype = placement(args.device, args.dtype)
     base = _base(args)
     start = time.perf_counter()
     model = presets.from_base(base)
     if args.finetuned:  # on the weights as built, before a cast changes their bytes
         finetuned.check_base(model, args.finetuned, base)
+    controlnet.attach(model, args.controlnet, finetuned.base_name(base))
     model.to(device, dtype)
     log.info("model %s on %s (%s) in %.1f s", finetuned.base_name(base), device, dtype,
              time.perf_counter() - start)
@@ -157,9 +250,14 @@ def run(args) -> list[dict]:
     height, width = args.height or model.native_size, args.width or model.native_size
     prompts = [p.strip() for p in args.prompt for _ in range(args.images_per_prompt)]
     seeds = args.seeds or [args.seed + i for i in range(len(prompts))]
+    control, maps = _control(args, model, prompts, height, width)
     records = []
     with atomic_path(args.out) as tmp:
         (tmp / "images").mkdir(parents=True)
+        if maps:
+            (tmp / "control").mkdir()
+            for k, condition in enumerate(maps):
+                save_png(condition, tmp / "control" / f"{k:02d}.png")
         for lo in range(0, len(prompts), args.batch_size):
             t = time.perf_counter()
             images = model.generate(
@@ -167,6 +265,7 @@ def run(args) -> list[dict]:
                 negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
                 num_inference_steps=args.steps, height=height, width=width, scheduler=args.scheduler,
                 prompt_strength=args.prompt_strength, prompt_reps=args.prompt_reps, progress=True,
+                control=control and control.rows(lo, lo + args.batch_size),
             )
             log.info("%d images in %.2f s", len(images), time.perf_counter() - t)
             for offset, image in enumerate(images):
@@ -185,7 +284,25 @@ def run(args) -> list[dict]:
                     "steps": args.steps, "scheduler": args.scheduler, "height": height, "width": width,
                     "prompt_strength": args.prompt_strength, "prompt_reps": args.prompt_reps,
                     "model": base.get("checkpoint") or base["preset"], "device": str(device), "dtype": str(dtype),
+                    **_control_record(args, model, control, i),
                 })
         (tmp / "records.json").write_text(json.dumps(records, indent=2) + "\n")
-    log.info("wrote %d images and records.json to %s", len(records), args.out)
+    log.info("wrote %d images%s and records.json to %s", len(records), " and control maps" if maps else "",
+             args.out)
     return records
+
+
+def _control_record(args, model, control, i: int) -> dict:
+    """An image's control inputs: the ControlNets (the checkpoint's first), its control
+    images (one per ControlNet), the condition map's settings, scales and window."""
+    names = [f"{args.checkpoint}/{layout.CONTROLNET}"] * (len(model.controlnets) - len(args.controlnet))
+    names += [str(c) for c in args.controlnet]
+    if control is None:
+        return {"controlnets": names or None}
+    per_prompt = len(control.images) == 1 and len(args.control_image) > 1
+    images = [str(args.control_image[i // args.images_per_prompt])] if per_prompt else \
+        [str(p) for p in args.control_image]
+    return {"controlnets": names, "control_images": images,
+            "control_type": args.control_type, "canny_low": args.canny_low, "canny_high": args.canny_high,
+            "controlnet_scale": [float(s) for s in control.scales], "control_start": control.start,
+            "control_end": control.end}

@@ -161,14 +161,16 @@ def read_alpha(path: Path) -> np.ndarray:
         return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
 
 
-def read_subject_images(paths: list[Path], max_side: int = 1024, max_pixels: int = MAX_PIXELS) -> list[np.ndarray]:
-    """A user's reference images as RGB arrays; an unreadable or too large one is a clear error."""
+def read_subject_images(paths: list[Path], max_side: int = 1024, max_pixels: int = MAX_PIXELS,
+                        what: str = "subject image") -> list[np.ndarray]:
+    """A user's images (reference images; `what` names them in errors) as RGB arrays; an
+    unreadable or too large one is a clear error."""
     refs = []
     for path in paths:
         try:
             refs.append(load_image(path, max_side=max_side, max_pixels=max_pixels).rgb)
         except (SkipImage, OSError) as exc:
-            raise BlipDiffError(f"subject image {exc}") from None
+            raise BlipDiffError(f"{what} {exc}") from None
     return refs
 
 

@@ -9,8 +9,8 @@ Generation follows the reference (diffusers' deprecated BlipDiffusionPipeline) s
 step, but batched: several prompts and several images per prompt go through the UNet in
 one batch, and subject embeddings can be computed once and reused.
 
-`generate` is the project's one sampling loop. The networks it calls are swappable
-(`Networks`): by default the bundle's own PyTorch modules (`TorchNetworks`); serving passes
+`generate` is the project's one sampling loop, with or without ControlNets
+(`components.model.controlnet`). The networks it calls are swappable (`Networks`): by default the bundle's own PyTorch modules (`TorchNetworks`); serving passes
 ONNX Runtime sessions or TensorRT engines instead (`serving.backends`). Tokenization, the
 scheduler, guidance, the seeded latents and the VAE scaling stay here, whatever runs the
 networks.
@@ -28,6 +28,8 @@ from PIL import Image
 
 from components.core.errors import BlipDiffError
 from components.model.conditioning import encode_text, prompt_ids
+from components.model.controlnet import Control
+from components.model.controlnet import residuals as control_residuals
 from components.model.processor import ImageProcessorConfig
 
 log = logging.getLogger(__name__)
@@ -36,14 +38,18 @@ SCHEDULERS = ("pndm", "ddim", "dpmsolver++")
 
 
 class Networks(Protocol):
-    """The four networks the sampler calls, as one backend runs them, and the sizes it needs
+    """The networks the sampler calls, as one backend runs them, and the sizes it needs
     from them. Tensors in and out are torch tensors on `device`; `dtype` is the latents'.
 
     - subject_embeds(pixel_values (B,3,S,S), input_ids (B,L), attention_mask (B,L)) -> (B,Q,D)
     - text(input_ids (B,T), subject_embeds (B,Q,D), has_subject (B,) bool) -> (B,T,D): a row
       with a subject was tokenized to T - Q ids (padded to T) and gets the subject embeddings
       spliced in at `ctx_begin_pos`; a row without is the plain text encoder over T ids.
-    - unet(sample (B,C,h,w), timestep (the scheduler's 0-d tensor), hidden (B,T,D)) -> noise
+    - unet(sample (B,C,h,w), timestep (the scheduler's 0-d tensor), hidden (B,T,D), residuals)
+      -> noise; `residuals` (the ControlNets' summed (down list, mid), or None) are added to
+      the UNet's down-block outputs and mid-block output
+    - controlnet(k, sample, timestep, hidden, cond (B,3,H,W) in [0, 1]) -> (down list, mid):
+      ControlNet k's residuals at scale 1 (`num_controlnets` of them)
     - vae_decode(latents (B,C,h,w), already divided by `scaling_factor`) -> images in [-1, 1]
     """
 
@@ -53,13 +59,18 @@ class Networks(Protocol):
     latent_channels: int
     vae_scale_factor: int
     scaling_factor: float
+    num_controlnets: int
 
     def subject_embeds(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                        attention_mask: torch.Tensor) -> torch.Tensor: ...
 
     def text(self, input_ids: torch.Tensor, subject_embeds: torch.Tensor, has_subject: torch.Tensor) -> torch.Tensor: ...
 
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor: ...
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor,
+             residuals: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor: ...
+
+    def controlnet(self, index: int, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor,
+                   cond: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]: ...
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
@@ -95,6 +106,10 @@ class TorchNetworks:
     def scaling_factor(self) -> float:
         return self.model.vae.config.scaling_factor
 
+    @property
+    def num_controlnets(self) -> int:
+        return len(self.model.controlnets)
+
     def subject_embeds(self, pixel_values, input_ids, attention_mask):
         return self.model.qformer(pixel_values.to(self.device, self.model.qformer.dtype), input_ids.to(self.device),
                                   attention_mask.to(self.device))
@@ -102,8 +117,17 @@ class TorchNetworks:
     def text(self, input_ids, subject_embeds, has_subject):
         return encode_text(self.model.text_encoder, input_ids, subject_embeds, self.model.ctx_begin_pos, has_subject)
 
-    def unet(self, sample, timestep, hidden):
-        return self.model.unet(sample, timestep, encoder_hidden_states=hidden.to(self.model.unet.dtype)).sample
+    def unet(self, sample, timestep, hidden, residuals=None):
+        extra = {}
+        if residuals is not None:
+            extra = {"down_block_additional_residuals": residuals[0], "mid_block_additional_residual": residuals[1]}
+        return self.model.unet(sample, timestep, encoder_hidden_states=hidden.to(self.model.unet.dtype), **extra).sample
+
+    def controlnet(self, index, sample, timestep, hidden, cond):
+        net = self.model.controlnets[index]
+        down, mid = net(sample, timestep, encoder_hidden_states=hidden.to(net.dtype),
+                        controlnet_cond=cond.to(net.device, net.dtype), return_dict=False)
+        return list(down), mid
 
     def vae_decode(self, latents):
         return self.model.vae.decode(latents).sample
@@ -120,6 +144,7 @@ class BlipDiffusion:
     scheduler: object  # PNDMScheduler (the released default)
     image_processor: ImageProcessorConfig = field(default_factory=ImageProcessorConfig)
     ctx_begin_pos: int = 2
+    controlnets: list = field(default_factory=list)  # diffusers ControlNetModels (components.model.controlnet)
 
     # ---------------------------------------------------------------- placement
     @property
@@ -145,7 +170,7 @@ class BlipDiffusion:
         return self.unet.config.sample_size * self.vae_scale_factor
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "BlipDiffusion":
-        for module in (self.qformer, self.text_encoder, self.unet, self.vae):
+        for module in (self.qformer, self.text_encoder, self.unet, self.vae, *self.controlnets):
             module.to(device=device, dtype=dtype)
             module.eval()
         return self
@@ -238,6 +263,7 @@ class BlipDiffusion:
         prompt_reps: int = 20,
         progress: bool = False,
         networks: Networks | None = None,
+        control: Control | None = None,
     ) -> np.ndarray:
         """One image per (prompt, seed) pair: `prompts` and `seeds` have equal length.
 
@@ -245,8 +271,11 @@ class BlipDiffusion:
         one class for all prompts or one per prompt. `subject_embeds` None: plain text-to-image
         (the base model's prior, as Stable Diffusion draws): each prompt is the whole text,
         `target_subject` and the prompt builder unused. All images go through the UNet in one
-        batch (two with guidance). `networks` runs the four networks (default: the bundle's
-        PyTorch modules). Returns float images in [0, 1], shape (N, H, W, 3).
+        batch (two with guidance). `networks` runs the networks (default: the bundle's
+        PyTorch modules). `control`: condition images and scales for the networks' ControlNets
+        (`components.model.controlnet.Control`), which then see the UNet's sample, timestep and
+        text embeddings in both guidance branches. Returns float images in [0, 1], shape
+        (N, H, W, 3).
         """
         if len(prompts) != len(seeds):
             raise BlipDiffError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -258,6 +287,8 @@ class BlipDiffusion:
         if num_inference_steps < 1:
             raise BlipDiffError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         nets = TorchNetworks(self) if networks is None else networks
+        if control is not None:
+            control.check(len(prompts), nets.num_controlnets, height, width)
         sched = self.make_scheduler(scheduler)
         if subject_embeds is None:
             built = list(prompts)
@@ -268,14 +299,23 @@ class BlipDiffusion:
         latents = self.initial_latents(nets, seeds, height, width) * sched.init_noise_sigma
         sched.set_timesteps(num_inference_steps, device=nets.device)
         steps = sched.timesteps
+        count = len(steps)
+        if control is not None:  # per ControlNet: condition images and scales for the UNet batch's rows
+            copies = 2 if guided else 1
+            cond = [img.to(nets.device, nets.dtype).expand(len(prompts), -1, -1, -1).repeat(copies, 1, 1, 1)
+                    for img in control.images]
+            scales = control.scale_rows(len(prompts)).repeat(1, copies)
         if progress:
             from tqdm import tqdm
 
             steps = tqdm(steps, desc="denoise", unit="step")
-        for t in steps:
+        for i, t in enumerate(steps):
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = sched.scale_model_input(model_input, t)
-            noise = nets.unet(model_input, t, text)
+            residuals = None
+            if control is not None and control.active(i, count):
+                residuals = control_residuals(nets, cond, scales, model_input, t, text)
+            noise = nets.unet(model_input, t, text, residuals)
             if guided:
                 uncond, cond_noise = noise.chunk(2)
                 noise = uncond + guidance_scale * (cond_noise - uncond)

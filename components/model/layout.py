@@ -1,5 +1,8 @@
 """The released folder layout of `Salesforce/blipdiffusion`: read and write it.
 
+With a ControlNet, the layout is `Salesforce/blipdiffusion-controlnet`'s: a `controlnet/`
+folder (a diffusers `ControlNetModel`) and its entry in model_index.json.
+
 `save` writes the exact layout (model_index.json naming the reference classes, so the
 reference pipeline can read it too; safetensors weights); `load` reads it with maintained
 classes. The subject encoder's folder (`qformer/`) is also what stage `pretrain_qformer`
@@ -25,6 +28,9 @@ log = logging.getLogger(__name__)
 
 BERT_TOKENIZER_ID = "bert-base-uncased"
 FOLDERS = ("qformer", "text_encoder", "tokenizer", "unet", "vae", "scheduler", "image_processor")
+
+CONTROLNET = "controlnet"  # Salesforce/blipdiffusion-controlnet's extra folder
+CONTROLNET_PIPELINE = "BlipDiffusionControlNetPipeline"
 
 # model_index.json as the released checkpoint writes it (reference class names).
 MODEL_INDEX = {
@@ -63,6 +69,13 @@ def save(model: BlipDiffusion, path: str | Path) -> None:
             json.dumps(model.image_processor.to_json(), indent=2) + "\n")
         index = dict(MODEL_INDEX, ctx_begin_pos=model.ctx_begin_pos,
                      mean=list(model.image_processor.mean), std=list(model.image_processor.std))
+        if len(model.controlnets) > 1:
+            raise BlipDiffError(f"{path}: the layout holds one ControlNet, the model has {len(model.controlnets)}")
+        if model.controlnets:
+            model.controlnets[0].save_pretrained(tmp / CONTROLNET, safe_serialization=True)
+            _drop_load_path(tmp / CONTROLNET / "config.json")
+            index = dict(sorted({**index, "_class_name": CONTROLNET_PIPELINE,
+                                 CONTROLNET: ["diffusers", "ControlNetModel"]}.items()))
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -200,6 +213,8 @@ def load(path_or_id: str | Path) -> BlipDiffusion:
             raise BlipDiffError(f"{path_or_id}: not a local folder and not downloadable ({exc})") from None
     check_folder(path)
     index = json.loads((path / "model_index.json").read_text())
+    if CONTROLNET in index and not (path / CONTROLNET / "config.json").is_file():
+        raise BlipDiffError(f"{path}: model_index.json names a ControlNet but {path / CONTROLNET} has none")
     try:
         qformer = load_qformer(path / "qformer")
         model = BlipDiffusion(
@@ -219,6 +234,12 @@ def load(path_or_id: str | Path) -> BlipDiffusion:
         )
     except (OSError, ValueError, KeyError) as exc:
         raise BlipDiffError(f"{path}: could not load the checkpoint: {exc}") from None
+    if CONTROLNET in index:
+        from components.model import controlnet
+
+        net = controlnet.load_controlnet(path / CONTROLNET)
+        controlnet.check_fit(net, model.unet, str(path / CONTROLNET), str(path), model.vae_scale_factor)
+        model.controlnets.append(net)
     return model.to("cpu")
 
 
