@@ -60,7 +60,7 @@ def test_controlnet_moves_the_image_and_scale_zero_is_plain_generate_bit_for_bit
     at_zero = _gen(model, embeds, _control(_image(0), scales=(0.0,)))
     assert np.array_equal(at_zero, plain)
     assert np.abs(with_a - plain).max() > 0.05  # the perturbed ControlNet acts
-    assert np.abs(with_a - with_b).max() > 1e-3  # and follows its condition image (random convs: weakly)
+    assert np.abs(with_a - with_b).max() > 0.02  # and follows its condition image
 
 
 def test_zero_initialised_controlnet_adds_nothing(embeds):

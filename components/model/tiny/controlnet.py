@@ -26,11 +26,15 @@ def zero_initialised(controlnet) -> list[torch.nn.Module]:
 
 
 @torch.no_grad()
-def perturb(controlnet, seed: int = 0, std: float = 0.1):
+def perturb(controlnet, seed: int = 0, std: float = 0.1, condition_std: float = 1.0):
+    """Re-draw the zero-initialised layers: the residual convs at `std`, the condition
+    embedding's last conv at `condition_std` (at 0.1 the condition's features would be ~7x
+    smaller than the latents' and another condition image would barely matter)."""
     generator = torch.Generator().manual_seed(seed)
+    out = controlnet.controlnet_cond_embedding.conv_out
     for module in zero_initialised(controlnet):
         for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
+            param.copy_(torch.randn(param.shape, generator=generator) * (condition_std if module is out else std))
     return controlnet
 
 
