@@ -1,7 +1,8 @@
 """Who runs the four networks of the sampler: PyTorch, ONNX Runtime or TensorRT.
 
 Each backend is a `components.model.blip_diffusion.Networks`: `subject_embeds`, `text`,
-`unet`, `vae_decode` on torch tensors, plus the sizes the sampling loop reads. The loop
+`unet`, `vae_decode` (and `controlnet` when the export has the ControlNet graphs) on torch
+tensors, plus the sizes the sampling loop reads. The loop
 itself (tokenization, scheduler, guidance, seeded latents, VAE scaling) is
 `BlipDiffusion.generate`, the same for all three.
 
@@ -27,13 +28,14 @@ import torch
 from components.core.errors import BlipDiffError
 from components.core.paths import ENGINES_DIR, EXPORT_FILE
 from components.export import tensorrt as trtx
-from components.export.graphs import GRAPHS, SPECS
+from components.export.graphs import CONTROL_GRAPHS, GRAPHS, SPECS, get_spec
 from components.model.blip_diffusion import TorchNetworks
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 OUTPUTS = {graph: spec.outputs[0] for graph, spec in SPECS.items()}  # each graph's one output
+OUTPUTS["unet_control"] = "noise_pred"
 
 __all__ = ["BACKENDS", "OrtNetworks", "TorchNetworks", "TrtNetworks", "chunks", "output_shape", "read_export",
            "select_engines"]
@@ -56,6 +58,12 @@ def read_export(export_dir: Path) -> dict:
     return meta
 
 
+def export_graphs(meta: dict) -> tuple[str, ...]:
+    """The graphs an export has: the four, and the ControlNet pair when it was exported with one."""
+    listed = set(meta.get("graphs") or GRAPHS)
+    return GRAPHS + (CONTROL_GRAPHS if set(CONTROL_GRAPHS) <= listed else ())
+
+
 class _ExportedNetworks:
     """What the ONNX Runtime and TensorRT backends share: the sizes the sampling loop reads
     (from export.json), and the four networks as calls of the exported graphs by their
@@ -72,9 +80,19 @@ class _ExportedNetworks:
         return self._run("text_encoder", {"input_ids": input_ids, "subject_embeds": subject_embeds,
                                           "has_subject": has_subject})
 
-    def unet(self, sample, timestep, hidden):
-        return self._run("unet", {"sample": sample, "timestep": timestep.reshape(-1).expand(len(sample)),
-                                  "encoder_hidden_states": hidden})
+    def unet(self, sample, timestep, hidden, residuals=None):
+        feeds = {"sample": sample, "timestep": timestep.reshape(-1).expand(len(sample)), "encoder_hidden_states": hidden}
+        if residuals is None:
+            return self._run("unet", feeds)
+        down, mid = residuals
+        return self._run("unet_control", {**feeds, **dict(zip(self.residual_names, [*down, mid]))})
+
+    def controlnet(self, index, sample, timestep, hidden, cond):
+        if index >= self.num_controlnets:
+            raise BlipDiffError(f"ControlNet {index}: the export has {self.num_controlnets}")
+        out = self._run("controlnet", {"sample": sample, "timestep": timestep.reshape(-1).expand(len(sample)),
+                                       "encoder_hidden_states": hidden, "controlnet_cond": cond})
+        return list(out[:-1]), out[-1]
 
     def vae_decode(self, latents):
         return self._run("vae_decoder", {"latents": latents})
@@ -87,6 +105,10 @@ class _ExportedNetworks:
         self.scaling_factor = float(meta["scaling_factor"])
         self.num_query = int(meta["num_query_tokens"])
         self.hidden = int(meta["hidden_size"])
+        self.graphs = export_graphs(meta)
+        self.num_controlnets = int("controlnet" in self.graphs)
+        self.residuals = tuple(tuple(r) for r in meta.get("residuals") or ())
+        self.residual_names = get_spec("controlnet", self.residuals).outputs if self.num_controlnets else ()
 
 
 # ------------------------------------------------------------------ ONNX Runtime
@@ -125,7 +147,7 @@ class OrtNetworks(_ExportedNetworks):
                                 f"(available: {', '.join(available)})")
         if precision not in ("auto", "fp32", "fp16"):
             raise BlipDiffError(f"ONNX Runtime precision {precision!r}: choose auto, fp32 or fp16")
-        has_fp16 = all((self.export_dir / f"{g}.fp16.onnx").is_file() for g in GRAPHS)
+        has_fp16 = all((self.export_dir / f"{g}.fp16.onnx").is_file() for g in self.graphs)
         if precision == "auto":
             precision = "fp16" if requested[0] == "CUDAExecutionProvider" and has_fp16 else "fp32"
         if precision == "fp16" and not has_fp16:
@@ -134,7 +156,7 @@ class OrtNetworks(_ExportedNetworks):
         options = ort.SessionOptions()
         options.log_severity_level = 3  # onnxruntime-gpu without CUDA libraries: no warning per session
         self.sessions = {}
-        for graph in GRAPHS:
+        for graph in self.graphs:
             path = self.export_dir / (f"{graph}.fp16.onnx" if precision == "fp16" else f"{graph}.onnx")
             if not path.is_file():
                 raise BlipDiffError(f"{path}: graph not found; export again")
@@ -147,15 +169,18 @@ class OrtNetworks(_ExportedNetworks):
                        for g, s in self.sessions.items()}
         log.info("ONNX Runtime %s: %s graphs of %s on %s", ort.__version__, precision, self.export_dir, self.provider)
 
-    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """The graph's output; all of them, in order, for the controlnet graph."""
         types = self._types[graph]
         arrays = {name: np.ascontiguousarray(t.detach().cpu().numpy(), dtype=types[name]) for name, t in feeds.items()}
+        if graph == "controlnet":
+            return [torch.from_numpy(o).to(torch.float32) for o in self.sessions[graph].run(None, arrays)]
         out = self.sessions[graph].run([OUTPUTS[graph]], arrays)[0]
         return torch.from_numpy(out).to(torch.float32)
 
 
 # ------------------------------------------------------------------ TensorRT
-ENGINE_RE = re.compile(rf"^(?P<graph>{'|'.join(map(re.escape, GRAPHS))})\.trt(?P<version>\d+(?:\.\d+)*)"
+ENGINE_RE = re.compile(rf"^(?P<graph>{'|'.join(map(re.escape, GRAPHS + CONTROL_GRAPHS))})\.trt(?P<version>\d+(?:\.\d+)*)"
                        r"\.(?P<sm>sm\d+)\.(?P<profile>[A-Za-z0-9_-]+)\.plan$")
 
 
@@ -170,8 +195,8 @@ def default_engine_dir(export_dir: Path) -> Path:
     return export_dir
 
 
-def select_engines(engine_dir: Path, trt_version: str, compute_capability, profile: str | None = None
-                   ) -> tuple[str, dict[str, Path]]:
+def select_engines(engine_dir: Path, trt_version: str, compute_capability, profile: str | None = None,
+                   graphs: tuple[str, ...] = GRAPHS) -> tuple[str, dict[str, Path]]:
     """(profile, {graph: engine file}) for this TensorRT version and GPU architecture
     (`components.export.tensorrt.engine_name`). Without `profile`, the one profile that has
     all four engines; a missing engine, several candidate profiles, or engines built for
@@ -185,7 +210,7 @@ def select_engines(engine_dir: Path, trt_version: str, compute_capability, profi
     mine = [m for m in found if m["version"] == version and m["sm"] == sm]
     profiles = sorted({m["profile"] for m in mine})
     if profile is None:
-        complete = [p for p in profiles if {m["graph"] for m in mine if m["profile"] == p} == set(GRAPHS)]
+        complete = [p for p in profiles if {m["graph"] for m in mine if m["profile"] == p} >= set(graphs)]
         if len(complete) > 1:
             raise BlipDiffError(f"{engine_dir}: engines for several profiles ({', '.join(complete)}); choose one "
                                 "(--trt-profile)")
@@ -197,7 +222,7 @@ def select_engines(engine_dir: Path, trt_version: str, compute_capability, profi
             profile = profiles[0] if len(profiles) == 1 else "static512"
         else:
             profile = complete[0]
-    paths = {g: engine_dir / trtx.engine_name(g, trt_version, compute_capability, profile) for g in GRAPHS}
+    paths = {g: engine_dir / trtx.engine_name(g, trt_version, compute_capability, profile) for g in graphs}
     missing = [p.name for p in paths.values() if not p.is_file()]
     if missing:
         raise BlipDiffError(f"{engine_dir}: no TensorRT engine {', '.join(missing)} (TensorRT {version}, {sm}, "
@@ -216,14 +241,19 @@ def chunks(batch: int, low: int, high: int) -> list[tuple[int, int, int]]:
 
 
 def output_shape(graph: str, inputs: Mapping[str, tuple[int, ...]], num_query: int, hidden: int,
-                 text_length: int, vae_scale_factor: int, image_channels: int = 3) -> tuple[int, ...]:
-    """The output's shape of one graph for given input shapes (the torch buffer TensorRT writes)."""
+                 text_length: int, vae_scale_factor: int, image_channels: int = 3,
+                 residuals: tuple[tuple[int, int], ...] = ()) -> tuple[int, ...] | list[tuple[int, ...]]:
+    """The output's shape of one graph for given input shapes (the torch buffer TensorRT writes);
+    the controlnet graph's residuals: a list of shapes."""
     if graph == "subject_encoder":
         return (inputs["pixel_values"][0], num_query, hidden)
     if graph == "text_encoder":
         return (inputs["input_ids"][0], text_length, hidden)
-    if graph == "unet":
+    if graph in ("unet", "unet_control"):
         return tuple(inputs["sample"])
+    if graph == "controlnet":
+        b, _, h, w = inputs["sample"]
+        return [(b, c, h // f, w // f) for c, f in residuals]
     if graph == "vae_decoder":
         b, _, h, w = inputs["latents"]
         return (b, image_channels, h * vae_scale_factor, w * vae_scale_factor)
@@ -265,7 +295,8 @@ class TrtNetworks(_ExportedNetworks):
             trtx.build_engines(self.export_dir, self.engine_dir, profile=profile or "static512",
                                workspace_gb=workspace_gb)
         info = trtx.device_info()
-        self.profile, paths = select_engines(self.engine_dir, trt.__version__, info["compute_capability"], profile)
+        self.profile, paths = select_engines(self.engine_dir, trt.__version__, info["compute_capability"], profile,
+                                             self.graphs)
         self.device, self.dtype = torch.device("cuda"), torch.float32
         self.provider = f"TensorRT {trt.__version__} ({self.profile}, {trtx.sm_tag(info['compute_capability'])})"
         self.engines, self.contexts, self.io = {}, {}, {}
@@ -277,20 +308,21 @@ class TrtNetworks(_ExportedNetworks):
                                     "(--build-engines)")
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
             inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-            output = OUTPUTS[graph]
-            if output not in names:
-                raise BlipDiffError(f"{path}: no output {output!r} (tensors: {names})")
+            outputs = list(self.residual_names) if graph == "controlnet" else [OUTPUTS[graph]]
+            missing = [o for o in outputs if o not in names]
+            if missing:
+                raise BlipDiffError(f"{path}: no output {', '.join(missing)} (tensors: {names})")
             low, _, high = engine.get_tensor_profile_shape(inputs[0], 0)
             self.io[graph] = {"inputs": {n: _torch_dtype(trt, engine.get_tensor_dtype(n)) for n in inputs},
-                              "output": (output, _torch_dtype(trt, engine.get_tensor_dtype(output))),
+                              "outputs": [(o, _torch_dtype(trt, engine.get_tensor_dtype(o))) for o in outputs],
                               "batch": (int(low[0]), int(high[0]))}
             self.engines[graph], self.contexts[graph] = engine, engine.create_execution_context()
         self.stream = torch.cuda.Stream()
         log.info("TensorRT engines (%s) from %s", self.profile, self.engine_dir)
 
-    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """The graph's output; all of them, in order, for the controlnet graph."""
         io, context = self.io[graph], self.contexts[graph]
-        name, out_dtype = io["output"]
         batch = len(next(iter(feeds.values())))
         outs = []
         for start, stop, rows in chunks(batch, *io["batch"]):
@@ -300,9 +332,11 @@ class TrtNetworks(_ExportedNetworks):
                 if rows > stop - start:  # below the profile's minimum: pad with copies of the last row
                     x = torch.cat([x, x[-1:].expand(rows - (stop - start), *x.shape[1:])])
                 part[key] = x.to(self.device, io["inputs"][key]).contiguous()
-            shape = output_shape(graph, {k: tuple(v.shape) for k, v in part.items()}, self.num_query, self.hidden,
-                                 self.text_length, self.vae_scale_factor)
-            out = torch.empty(shape, dtype=out_dtype, device=self.device)
+            shapes = output_shape(graph, {k: tuple(v.shape) for k, v in part.items()}, self.num_query, self.hidden,
+                                  self.text_length, self.vae_scale_factor, residuals=self.residuals)
+            shapes = shapes if isinstance(shapes, list) else [shapes]
+            buffers = [torch.empty(shape, dtype=dtype, device=self.device)
+                       for shape, (_, dtype) in zip(shapes, io["outputs"])]
             for key, x in part.items():
                 if not context.set_input_shape(key, tuple(x.shape)):
                     low, _, high = self.engines[graph].get_tensor_profile_shape(key, 0)
@@ -310,13 +344,15 @@ class TrtNetworks(_ExportedNetworks):
                                         f"profile {self.profile} ({tuple(low)} to {tuple(high)}); build engines for "
                                         "this size (--trt-profile dynamic, --build-engines)")
                 context.set_tensor_address(key, x.data_ptr())
-            got = tuple(context.get_tensor_shape(name))
-            if -1 not in got and got != shape:
-                raise BlipDiffError(f"{graph}: TensorRT gives output shape {got}, expected {shape}")
-            context.set_tensor_address(name, out.data_ptr())
+            for (name, _), shape, out in zip(io["outputs"], shapes, buffers):
+                got = tuple(context.get_tensor_shape(name))
+                if -1 not in got and got != shape:
+                    raise BlipDiffError(f"{graph}: TensorRT gives {name} of shape {got}, expected {shape}")
+                context.set_tensor_address(name, out.data_ptr())
             self.stream.wait_stream(torch.cuda.current_stream())  # the inputs were made on the current stream
             if not context.execute_async_v3(self.stream.cuda_stream):
                 raise BlipDiffError(f"{graph}: TensorRT execution failed (see the log)")
             self.stream.synchronize()  # the context and buffers are reused by the next chunk
-            outs.append(out[: stop - start])
-        return torch.cat(outs).to(torch.float32)
+            outs.append([out[: stop - start] for out in buffers])
+        merged = [torch.cat(parts).to(torch.float32) for parts in zip(*outs)]
+        return merged if graph == "controlnet" else merged[0]

@@ -42,6 +42,21 @@ def _exported_model_folder(export_dir: Path, source: str) -> Path | None:
 
 
 def _torch_model_of_export(export_dir: Path, meta: dict) -> BlipDiffusion:
+    """The model an export was made from, with the ControlNet it was exported with."""
+    model = _torch_base_of_export(export_dir, meta)
+    control = meta.get("controlnet") or {}
+    if control.get("hash") is not None and not model.controlnets:  # added by export.controlnet
+        from components.model import controlnet
+
+        spec = str(control["source"])
+        path = Path(spec).expanduser()
+        candidates = [path] if path.is_absolute() else [Path.cwd() / path, *(p / path for p in export_dir.resolve().parents)]
+        found = next((c for c in candidates if c.is_dir()), None)
+        controlnet.attach(model, [str(found) if found else spec], str(meta["model"]["source"]))
+    return model
+
+
+def _torch_base_of_export(export_dir: Path, meta: dict) -> BlipDiffusion:
     from components.model import layout, presets
 
     source = str((meta.get("model") or {}).get("source", ""))

@@ -333,6 +333,9 @@ class ExportConfig(_Section):
 
     # The model folder (train_subject's) or a hub id; null = the preset's model.
     model: str | None = "models/blip_diffusion"
+    # A ControlNet (diffusers ControlNetModel folder, a checkpoint with controlnet/, or a hub id)
+    # added to the model: the export then has the controlnet and unet_control graphs too.
+    controlnet: str | None = None
     opset: Literal[18, 19] = 18
     fp16: bool = True  # also <graph>.fp16.onnx (fp32 inputs and outputs), for GPUs
     batch: int = Field(2, ge=2, le=64)  # example batch of the export (a dynamic dim exported at 1 is specialised)

@@ -38,9 +38,9 @@ def _fp32_island(proto, scopes: tuple[str, ...]) -> list[str]:
     return [n.name for n in island]
 
 
-def convert_fp16(name: str, folder: Path) -> dict:
+def convert_fp16(name: str, folder: Path, fp32_scopes: tuple[str, ...] | None = None) -> dict:
     """`<name>.fp16.onnx`: weights and compute in fp16, inputs and outputs kept fp32, the
-    normalisations, softmax and the spec's `fp32_scopes` (UNet: timestep embedding) in fp32."""
+    normalisations, softmax and `fp32_scopes` (default: the spec's; UNet: timestep embedding) in fp32."""
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
@@ -54,7 +54,7 @@ def convert_fp16(name: str, folder: Path) -> dict:
         onnx.shape_inference.infer_shapes_path(str(folder / f"{name}.onnx"), str(inferred))
         proto = onnx.load(str(inferred), load_external_data=False)
     onnx.external_data_helper.load_external_data_for_model(proto, str(folder))
-    blocked_nodes = _fp32_island(proto, get_spec(name).fp32_scopes)
+    blocked_nodes = _fp32_island(proto, get_spec(name).fp32_scopes if fp32_scopes is None else fp32_scopes)
     proto = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True,
                                      op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32),
                                      node_block_list=blocked_nodes)

@@ -16,6 +16,14 @@ named inputs and outputs, the batch dynamic everywhere:
 - `vae_decoder`: latents (B,4,h,w), already divided by the scaling factor -> images
   (B,3,8h,8w) in [-1, 1], what `vae.decode(...).sample` returns.
 
+With a ControlNet in the bundle, two more (`CONTROL_GRAPHS`, built for the UNet's residual
+layout by `control_specs`):
+
+- `controlnet`: sample, timestep, encoder_hidden_states, controlnet_cond (B,3,8h,8w) in
+  [0, 1] -> the residuals at scale 1: `down_0`..`down_{n-1}` and `mid` (12 + 1 for SD 1.5).
+- `unet_control`: the UNet with the residuals as inputs (`down_*`, `mid`, already scaled and
+  summed by the sampler) -> noise_pred. Generation without control runs the plain `unet`.
+
 Adding a graph is adding its spec to `SPECS`: the export (`onnx_export`), the fp16 twins
 (`fp16`), the parity check (`parity`), the TensorRT profiles (`tensorrt`) and serving's
 output names read everything graph-specific from it.
@@ -50,6 +58,7 @@ class Dims:
     latent_multiple: int  # latent height and width must be multiples of this (the UNet's down/up sampling)
     vae_scale_factor: int
     ctx_begin_pos: int
+    residuals: tuple[tuple[int, int], ...] = ()  # the UNet's ControlNet residuals: (channels, down factor), mid last
 
     @classmethod
     def of(cls, model: BlipDiffusion) -> "Dims":
@@ -64,7 +73,29 @@ class Dims:
             latent_multiple=2 ** sum(1 for b in unet.down_blocks if b.downsamplers is not None),
             vae_scale_factor=model.vae_scale_factor,
             ctx_begin_pos=int(model.ctx_begin_pos),
+            residuals=residual_layout(unet.config),
         )
+
+
+def residual_layout(config) -> tuple[tuple[int, int], ...]:
+    """The residuals a ControlNet adds to a UNet of this config, as (channels, factor the latent
+    sides are divided by): conv_in's output, every resnet layer and downsampler of the down
+    blocks, then the mid block's (the last entry)."""
+    channels = list(config.block_out_channels)
+    layers = config.layers_per_block
+    layers = [layers] * len(channels) if isinstance(layers, int) else list(layers)
+    out, factor = [(channels[0], 1)], 1
+    for b, (c, n) in enumerate(zip(channels, layers)):
+        out += [(c, factor)] * n
+        if b < len(channels) - 1:
+            factor *= 2
+            out.append((c, factor))
+    return (*out, (channels[-1], factor))
+
+
+def residual_names(count: int) -> tuple[str, ...]:
+    """`down_0`..`down_{count-2}`, `mid`: the ControlNet graph's outputs, the UNet graph's inputs."""
+    return (*(f"down_{i}" for i in range(count - 1)), "mid")
 
 
 def _one_case(dims: Dims, batch: int) -> list[tuple[int, LatentHW]]:
@@ -81,16 +112,18 @@ class GraphSpec:
       export's example and the parity check's inputs), keyed by input name.
     - `reference(model, inputs)`: what the Python pipeline computes, with the bundle's own
       modules (PyTorch fp32; parity compares the graph with it).
-    - `output_shape(model, dims)`: the output's shape, dynamic dims by name, written into the
-      graph (its own shape inference leaves some static dims as made-up names).
+    - `output_shape(model, dims)`: the output's shape (a list of them for a graph with several
+      outputs), dynamic dims by name, written into the graph (its own shape inference leaves
+      some static dims as made-up names).
     - `parity_cases(dims, batch)`: (batch, latent size or None) the parity check runs.
     - `tolerance`: the gate on the fp32 graph, max abs diff against `reference` under ONNX
       Runtime's CPU provider.
     - `fp32_scopes`: node-name prefixes kept in fp32 in the fp16 graph (`fp16.convert_fp16`).
     - `input_shapes`: each input's dims for TensorRT's optimisation profiles, an int where
       fixed, else a size's name: "batch", "subject_text" (the class text's length),
-      "latent_height", "latent_width", or a `Dims` field (image_size, num_query, hidden,
-      text_length, latent_channels).
+      "latent_height", "latent_width", "image_height", "image_width", or a `Dims` field
+      (image_size, num_query, hidden, text_length, latent_channels); a (name, k) pair is that
+      size divided by k (a residual's sides).
     - `engine_batch`: the TensorRT profiles' batch (min, opt, max).
     """
 
@@ -171,6 +204,32 @@ class VaeDecoderGraph(nn.Module):
         return self.vae.decode(latents, return_dict=False)[0]
 
 
+class ControlNetGraph(nn.Module):
+    """A ControlNet at scale 1: its down residuals and mid residual as separate outputs."""
+
+    def __init__(self, controlnet: nn.Module):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond):
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                                    controlnet_cond=controlnet_cond, return_dict=False)
+        return (*down, mid)
+
+
+class UNetControlGraph(nn.Module):
+    """The UNet with residual inputs: `residuals` are the down residuals, then the mid one."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                         down_block_additional_residuals=residuals[:-1], mid_block_additional_residual=residuals[-1],
+                         return_dict=False)[0]
+
+
 # ---------------------------------------------------------------- graph inputs
 def text_encoder_inputs(tokenizer, prompts: list[str], has_subject: list[bool], text_length: int,
                         num_query: int) -> dict[str, np.ndarray]:
@@ -221,6 +280,35 @@ def _unet_inputs(model: BlipDiffusion, dims: Dims, batch: int, generator: torch.
 def _vae_decoder_inputs(model: BlipDiffusion, dims: Dims, batch: int, generator: torch.Generator,
                         latent_hw: LatentHW = None) -> Inputs:
     return {"latents": _latents(dims, batch, generator, latent_hw)}
+
+
+def _controlnet_inputs(model: BlipDiffusion, dims: Dims, batch: int, generator: torch.Generator,
+                       latent_hw: LatentHW = None) -> Inputs:
+    inputs = _unet_inputs(model, dims, batch, generator, latent_hw)
+    _, _, h, w = inputs["sample"].shape
+    f = dims.vae_scale_factor
+    return {**inputs, "controlnet_cond": torch.rand(batch, 3, h * f, w * f, generator=generator)}
+
+
+def _unet_control_inputs(model: BlipDiffusion, dims: Dims, batch: int, generator: torch.Generator,
+                         latent_hw: LatentHW = None) -> Inputs:
+    inputs = _unet_inputs(model, dims, batch, generator, latent_hw)
+    _, _, h, w = inputs["sample"].shape
+    for name, (c, f) in zip(residual_names(len(dims.residuals)), dims.residuals):
+        inputs[name] = torch.randn(batch, c, h // f, w // f, generator=generator)
+    return inputs
+
+
+def _controlnet_reference(model: BlipDiffusion, x: Inputs) -> list[torch.Tensor]:
+    down, mid = model.controlnets[0](x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"],
+                                     controlnet_cond=x["controlnet_cond"], return_dict=False)
+    return [*down, mid]
+
+
+def _unet_control_reference(model: BlipDiffusion, x: Inputs) -> torch.Tensor:
+    residuals = [v for k, v in x.items() if k.startswith("down_")]
+    return model.unet(x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"],
+                      down_block_additional_residuals=residuals, mid_block_additional_residual=x["mid"]).sample
 
 
 def _unet_cases(dims: Dims, batch: int) -> list[tuple[int, LatentHW]]:
@@ -303,15 +391,73 @@ SPECS: dict[str, GraphSpec] = {spec.name: spec for spec in (
     ),
 )}
 GRAPHS = tuple(SPECS)
+CONTROL_GRAPHS = ("controlnet", "unet_control")
 
 
-def get_spec(name: str) -> GraphSpec:
-    if name not in SPECS:
-        raise ValueError(f"unknown graph {name!r}; graphs: {', '.join(SPECS)}")
-    return SPECS[name]
+def _residual_axes(factor: int) -> tuple[str, str]:
+    return ("latent_height", "latent_width") if factor == 1 else (f"latent_height_{factor}", f"latent_width_{factor}")
+
+
+def control_specs(residuals: tuple[tuple[int, int], ...]) -> dict[str, GraphSpec]:
+    """The ControlNet graphs' specs for a UNet's residual layout (`Dims.residuals`)."""
+    names = residual_names(len(residuals))
+    res_axes = {n: {0: "batch", 2: _residual_axes(f)[0], 3: _residual_axes(f)[1]} for n, (c, f) in zip(names, residuals)}
+    res_shapes = {n: ("batch", c, ("latent_height", f), ("latent_width", f)) for n, (c, f) in zip(names, residuals)}
+    unet_shapes = {"sample": ("batch", "latent_channels", "latent_height", "latent_width"), "timestep": ("batch",),
+                   "encoder_hidden_states": ("batch", "text_length", "hidden")}
+    unet_axes = {"sample": dict(_LATENT_AXES), "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"}}
+    return {
+        "controlnet": GraphSpec(
+            name="controlnet",
+            inputs=("sample", "timestep", "encoder_hidden_states", "controlnet_cond"), outputs=names,
+            dynamic_axes={**unet_axes, "controlnet_cond": {0: "batch", 2: "image_height", 3: "image_width"},
+                          **res_axes},
+            source=lambda model: model.controlnets[0],
+            wrapper=lambda module, dims: ControlNetGraph(module),
+            sample_inputs=_controlnet_inputs,
+            reference=_controlnet_reference,
+            output_shape=lambda model, dims: [["batch", c, *_residual_axes(f)] for c, f in dims.residuals],
+            tolerance=1e-4,
+            input_shapes={**unet_shapes, "controlnet_cond": ("batch", 3, "image_height", "image_width")},
+            engine_batch=SPECS["unet"].engine_batch,
+            parity_cases=_unet_cases,
+            fp32_scopes=("/controlnet/time_proj/",),
+        ),
+        "unet_control": GraphSpec(
+            name="unet_control",
+            inputs=("sample", "timestep", "encoder_hidden_states", *names), outputs=("noise_pred",),
+            dynamic_axes={**unet_axes, **res_axes, "noise_pred": dict(_LATENT_AXES)},
+            source=lambda model: model.unet,
+            wrapper=lambda module, dims: UNetControlGraph(module),
+            sample_inputs=_unet_control_inputs,
+            reference=_unet_control_reference,
+            output_shape=SPECS["unet"].output_shape,
+            tolerance=SPECS["unet"].tolerance,
+            input_shapes={**unet_shapes, **res_shapes},
+            engine_batch=SPECS["unet"].engine_batch,
+            parity_cases=_unet_cases,
+            fp32_scopes=SPECS["unet"].fp32_scopes,
+        ),
+    }
+
+
+def graphs_of(model: BlipDiffusion) -> tuple[str, ...]:
+    """The graphs a bundle exports: the four, and the ControlNet pair when it has a ControlNet."""
+    return GRAPHS + (CONTROL_GRAPHS if model.controlnets else ())
+
+
+def get_spec(name: str, residuals: tuple[tuple[int, int], ...] = ()) -> GraphSpec:
+    """A graph's spec; the ControlNet graphs' for a residual layout (`Dims.residuals`)."""
+    if name in SPECS:
+        return SPECS[name]
+    if name in CONTROL_GRAPHS:
+        if not residuals:
+            raise ValueError(f"graph {name!r} needs the UNet's residual layout")
+        return control_specs(tuple(map(tuple, residuals)))[name]
+    raise ValueError(f"unknown graph {name!r}; graphs: {', '.join((*SPECS, *CONTROL_GRAPHS))}")
 
 
 def sample_inputs(name: str, model: BlipDiffusion, dims: Dims, batch: int, generator: torch.Generator,
                   latent_hw: LatentHW = None) -> Inputs:
     """Random inputs of one graph at a batch size (and latent size), from a seeded generator."""
-    return get_spec(name).sample_inputs(model, dims, batch, generator, latent_hw)
+    return get_spec(name, dims.residuals).sample_inputs(model, dims, batch, generator, latent_hw)

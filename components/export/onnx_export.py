@@ -21,7 +21,7 @@ from torch import nn
 from components.core.errors import BlipDiffError
 from components.export.files import graph_bytes, save_graph
 from components.export.fp16 import convert_fp16
-from components.export.graphs import GRAPHS, Dims, get_spec, sample_inputs
+from components.export.graphs import Dims, get_spec, graphs_of, sample_inputs
 from components.model.blip_diffusion import BlipDiffusion
 
 log = logging.getLogger(__name__)
@@ -53,19 +53,22 @@ def eager_attention(module: nn.Module) -> nn.Module:
 
 def wrapper(name: str, model: BlipDiffusion, dims: Dims) -> nn.Module:
     """The export copy of one graph (the bundle's modules are left as they are)."""
-    spec = get_spec(name)
+    spec = get_spec(name, dims.residuals)
     return spec.wrapper(eager_attention(copy.deepcopy(spec.source(model))), dims).eval()
 
 
-def _set_output_shape(proto, shape: list[int | str]) -> None:
-    dims = proto.graph.output[0].type.tensor_type.shape.dim
-    if len(dims) != len(shape):
-        raise BlipDiffError(f"{proto.graph.output[0].name}: the graph's output has rank {len(dims)}, expected {shape}")
-    for dim, want in zip(dims, shape):
-        if isinstance(want, str):
-            dim.dim_param = want
-        else:
-            dim.dim_value = want
+def _set_output_shapes(proto, shapes: list[list[int | str]]) -> None:
+    if len(shapes) != len(proto.graph.output):
+        raise BlipDiffError(f"the graph has {len(proto.graph.output)} outputs, its spec {len(shapes)}")
+    for output, shape in zip(proto.graph.output, shapes):
+        dims = output.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            raise BlipDiffError(f"{output.name}: the graph's output has rank {len(dims)}, expected {shape}")
+        for dim, want in zip(dims, shape):
+            if isinstance(want, str):
+                dim.dim_param = want
+            else:
+                dim.dim_value = want
 
 
 def export_graph(name: str, model: BlipDiffusion, dims: Dims, folder: Path, opset: int, batch: int,
@@ -77,7 +80,7 @@ def export_graph(name: str, model: BlipDiffusion, dims: Dims, folder: Path, opse
         raise BlipDiffError(f"opset {opset}: choose one of {', '.join(map(str, OPSETS))}")
     if batch < 2:
         raise BlipDiffError(f"export batch {batch}: must be >= 2 (a dynamic dim exported at 1 is specialised)")
-    spec = get_spec(name)
+    spec = get_spec(name, dims.residuals)
     graph = wrapper(name, model, dims).to(device)
     example = sample_inputs(name, model, dims, batch, torch.Generator().manual_seed(seed))
     args = tuple(example[k].to(device) for k in spec.inputs)
@@ -95,7 +98,8 @@ def export_graph(name: str, model: BlipDiffusion, dims: Dims, folder: Path, opse
         del graph
         weight_bytes = sum(p.stat().st_size for p in Path(scratch).iterdir())
         proto = onnx.load(str(raw))  # external data, if torch wrote any, is read in
-        _set_output_shape(proto, spec.output_shape(model, dims))
+        shapes = spec.output_shape(model, dims)
+        _set_output_shapes(proto, shapes if len(spec.outputs) > 1 else [shapes])
         external = save_graph(proto, folder / f"{name}.onnx", weight_bytes)
     seconds = time.perf_counter() - start
     onnx.checker.check_model(str(folder / f"{name}.onnx"))
@@ -122,8 +126,12 @@ def describe(proto) -> dict:
 
 
 def export_all(model: BlipDiffusion, folder: Path, opset: int = 18, batch: int = 2, fp16: bool = True,
-               device: str | torch.device = "cpu", seed: int = 0, graphs: tuple[str, ...] = GRAPHS) -> dict:
-    """Every graph into `folder`; {name: description} (with `fp16` when converted)."""
+               device: str | torch.device = "cpu", seed: int = 0, graphs: tuple[str, ...] | None = None) -> dict:
+    """Every graph (default: the bundle's, `graphs_of`) into `folder`; {name: description}
+    (with `fp16` when converted)."""
+    if len(model.controlnets) > 1:
+        raise BlipDiffError(f"an export holds one ControlNet; the model has {len(model.controlnets)}")
+    graphs = graphs_of(model) if graphs is None else graphs
     folder.mkdir(parents=True, exist_ok=True)
     dims = Dims.of(model)
     device = torch.device(device)
@@ -134,7 +142,7 @@ def export_all(model: BlipDiffusion, folder: Path, opset: int = 18, batch: int =
         for name in graphs:
             out[name] = export_graph(name, model, dims, folder, opset, batch, device, seed)
             if fp16:
-                out[name]["fp16"] = convert_fp16(name, folder)
+                out[name]["fp16"] = convert_fp16(name, folder, get_spec(name, dims.residuals).fp32_scopes)
     finally:
         if device.type != "cpu":
             model.to("cpu")

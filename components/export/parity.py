@@ -16,7 +16,7 @@ import torch
 
 from components.core.errors import BlipDiffError
 from components.export.files import graph_bytes
-from components.export.graphs import SPECS, Dims, get_spec, sample_inputs
+from components.export.graphs import Dims, get_spec, sample_inputs
 from components.export.onnx_export import EXPORTER
 from components.model.blip_diffusion import BlipDiffusion
 
@@ -35,26 +35,34 @@ def session(path: Path, provider: str = PROVIDER):
 
 
 @torch.no_grad()
-def reference(name: str, model: BlipDiffusion, inputs: dict[str, torch.Tensor]) -> np.ndarray:
-    """PyTorch fp32 on the CPU, the bundle's own modules (as the Python pipeline runs them)."""
-    return get_spec(name).reference(model, inputs).float().numpy()
+def reference(name: str, model: BlipDiffusion, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """PyTorch fp32 on the CPU, the bundle's own modules (as the Python pipeline runs them):
+    every output of the graph."""
+    out = get_spec(name, Dims.of(model).residuals).reference(model, inputs)
+    return [t.float().numpy() for t in (out if isinstance(out, (list, tuple)) else [out])]
 
 
-def compare(name: str, sess, inputs: dict[str, torch.Tensor], expected: np.ndarray) -> dict:
+def compare(name: str, sess, inputs: dict[str, torch.Tensor], expected: list[np.ndarray]) -> dict:
+    """ONNX Runtime's outputs against PyTorch's: the largest difference over all outputs."""
     feeds = {k: v.numpy() for k, v in inputs.items()}
-    got = sess.run(None, feeds)[0]
-    if got.shape != expected.shape:
-        raise BlipDiffError(f"{name}: ONNX Runtime gave shape {got.shape}, PyTorch {expected.shape}")
-    diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
+    outputs = sess.run(None, feeds)
+    if len(outputs) != len(expected):
+        raise BlipDiffError(f"{name}: ONNX Runtime gave {len(outputs)} outputs, PyTorch {len(expected)}")
+    diffs = []
+    for got, want in zip(outputs, expected):
+        if got.shape != want.shape:
+            raise BlipDiffError(f"{name}: ONNX Runtime gave shape {got.shape}, PyTorch {want.shape}")
+        diffs.append(np.abs(got.astype(np.float64) - want.astype(np.float64)).ravel())
+    diff = np.concatenate(diffs)
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
             "shapes": {k: list(v.shape) for k, v in inputs.items()}}
 
 
-def _row(name: str, folder: Path, description: dict, fp16: bool, provider: str, inputs: list, expected: list) -> dict:
+def _row(name: str, folder: Path, description: dict, fp16: bool, provider: str, inputs: list, expected: list,
+         tolerance: float) -> dict:
     """One graph file's parity row; an fp16 graph ONNX Runtime cannot run is recorded as such."""
     import onnxruntime as ort
 
-    tolerance = SPECS[name].tolerance
     path = folder / f"{name}{'.fp16' if fp16 else ''}.onnx"
     row = {"file": path.name, "size_bytes": graph_bytes(folder, name, fp16), "opset": description["opset"],
            "exporter": EXPORTER, "onnxruntime": ort.__version__, "tolerance": None if fp16 else tolerance}
@@ -85,11 +93,13 @@ def check_parity(model: BlipDiffusion, folder: Path, graphs: dict, batch: int = 
     dims = Dims.of(model)
     report = {}
     for i, name in enumerate(graphs):
-        cases = get_spec(name).parity_cases(dims, batch)
+        spec = get_spec(name, dims.residuals)
+        cases = spec.parity_cases(dims, batch)
         generator = torch.Generator().manual_seed(seed + i)
         inputs = [sample_inputs(name, model, dims, b, generator, hw) for b, hw in cases]
         expected = [reference(name, model, x) for x in inputs]
-        report[name] = {kind: _row(name, folder, graphs[name], kind == "fp16", provider, inputs, expected)
+        report[name] = {kind: _row(name, folder, graphs[name], kind == "fp16", provider, inputs, expected,
+                                   spec.tolerance)
                         for kind in ("fp32", "fp16") if kind == "fp32" or "fp16" in graphs[name]}
     return report
 

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path, file_sha256, write_json
 from components.core.paths import EXPORT_FILE
-from components.export.graphs import GRAPHS, SPECS
+from components.export.graphs import CONTROL_GRAPHS, GRAPHS, SPECS, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class ModelDims:
     subject_image_size: int = 224
     latent_channels: int = 4
     latent_multiple: int = 1  # latent sides must be multiples of it (the UNet's down-sampling)
+    residuals: tuple[tuple[int, int], ...] = ()  # the ControlNet graphs' residuals (channels, factor)
 
     # export.json keys -> fields: the brief's names, then the exporter's Dims names
     EXPORT_KEYS = {
@@ -90,9 +91,10 @@ class ModelDims:
                 if source.get(key) is not None:
                     values[name] = int(source[key])
         values.update({k: int(v) for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        residuals = tuple(tuple(int(x) for x in r) for r in (meta or {}).get("residuals") or ())
+        return cls(**values, residuals=residuals)
 
-    def as_kwargs(self) -> dict[str, int]:
+    def as_kwargs(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
@@ -106,25 +108,42 @@ def get_profile(profile: str | Profile) -> Profile:
 
 def profile_shapes(graph: str, profile: str | Profile = "static512", latent_factor: int = 8, num_query: int = 16,
                    hidden: int = 768, text_len: int = 77, subject_image_size: int = 224,
-                   latent_channels: int = 4, latent_multiple: int = 1) -> dict[str, ShapeTriple]:
-    """Each input of `graph`: its (min, opt, max) shapes under `profile`."""
+                   latent_channels: int = 4, latent_multiple: int = 1,
+                   residuals: tuple[tuple[int, int], ...] = ()) -> dict[str, ShapeTriple]:
+    """Each input of `graph`: its (min, opt, max) shapes under `profile`. The ControlNet graphs
+    take the UNet's batch range and need the residual layout (`residuals`)."""
     prof = get_profile(profile)
-    if graph not in prof.batch or graph not in SPECS:
-        raise BlipDiffError(f"unknown graph {graph!r}; the graphs are {', '.join(GRAPHS)}")
+    if graph in CONTROL_GRAPHS:
+        if not residuals:
+            raise BlipDiffError(f"graph {graph}: the export has no residual layout (export.json `residuals`); "
+                                "export again")
+        batch = prof.batch["unet"]
+    elif graph in prof.batch and graph in SPECS:
+        batch = prof.batch[graph]
+    else:
+        raise BlipDiffError(f"unknown graph {graph!r}; the graphs are {', '.join(GRAPHS + CONTROL_GRAPHS)}")
     for side in prof.image:
         if side % latent_factor:
             raise BlipDiffError(f"profile {prof.name!r}: image side {side} is not a multiple of the latent "
                                 f"factor {latent_factor}")
     lat = tuple(side // latent_factor for side in prof.image)
-    templates = SPECS[graph].input_shapes  # each input's dims: ints, or the names of the sizes below
-    sizes = {"batch": prof.batch[graph], "subject_text": prof.subject_text, "latent_height": lat, "latent_width": lat,
+    templates = get_spec(graph, residuals).input_shapes  # each input's dims: ints, size names, (name, divisor)
+    sizes = {"batch": batch, "subject_text": prof.subject_text, "latent_height": lat, "latent_width": lat,
+             "image_height": prof.image, "image_width": prof.image,
              "image_size": subject_image_size, "num_query": num_query, "hidden": hidden, "text_length": text_len,
              "latent_channels": latent_channels}
     if any(d in ("latent_height", "latent_width") for t in templates.values() for d in t) and \
             any(side % latent_multiple for side in lat):
         raise BlipDiffError(f"profile {prof.name!r}: latent sides {lat} are not multiples of the UNet's "
                             f"{latent_multiple}")
-    named = {name: [sizes[d] if isinstance(d, str) else d for d in t] for name, t in templates.items()}
+    def size(d):
+        if isinstance(d, str):
+            return sizes[d]
+        if isinstance(d, tuple):  # (name, k): the size divided by k
+            return tuple(v // d[1] for v in sizes[d[0]])
+        return d
+
+    named = {name: [size(d) for d in t] for name, t in templates.items()}
     return {name: tuple(tuple(d[i] if isinstance(d, tuple) else d for d in dims) for i in range(3))
             for name, dims in named.items()}
 
@@ -341,9 +360,10 @@ def load_engine(path: Path, logger=None):
 
 # ---------------------------------------------------------------- the stage's entry point
 def build_engines(export_dir: Path, out_dir: Path, profile: str | Profile = "static512", workspace_gb: float = 8,
-                  graphs: Sequence[str] = GRAPHS, dims: ModelDims | None = None, verify: bool = True,
+                  graphs: Sequence[str] | None = None, dims: ModelDims | None = None, verify: bool = True,
                   force: bool = False) -> list[dict]:
-    """Build (or reuse) one engine per graph from `export_dir`'s `<graph>.fp16.onnx` into
+    """Build (or reuse) one engine per graph (default: every graph of the export, the
+    ControlNet pair included when it has one) from `export_dir`'s `<graph>.fp16.onnx` into
     `out_dir`, sharing a timing cache there. `dims` default to the export's export.json (then
     ModelDims' defaults). `verify` deserialises an engine before reusing it. One dict per
     engine: graph, path, built, reason, seconds, size."""
@@ -352,9 +372,13 @@ def build_engines(export_dir: Path, out_dir: Path, profile: str | Profile = "sta
     if not available:
         raise BlipDiffError(f"cannot build TensorRT engines: {why}")
     prof = get_profile(profile)
+    meta_path = export_dir / EXPORT_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     if dims is None:
-        meta_path = export_dir / EXPORT_FILE
-        dims = ModelDims.from_export(json.loads(meta_path.read_text()) if meta_path.is_file() else None)
+        dims = ModelDims.from_export(meta)
+    if graphs is None:
+        listed = set((meta or {}).get("graphs") or GRAPHS)
+        graphs = GRAPHS + (CONTROL_GRAPHS if set(CONTROL_GRAPHS) <= listed else ())
     trt = _import_trt()
     info = device_info()
     logger, version, cc = trt.Logger(trt.Logger.WARNING), str(trt.__version__), sm_tag(info["compute_capability"])

@@ -7,7 +7,9 @@ unet and vae_decoder as `<name>.onnx` (weights in `<name>.onnx.data` past 2 GB) 
 `export.fp16`, `<name>.fp16.onnx`; `export.json` (everything serving needs besides the
 graphs: model source and hash, input/output names and dynamic axes, ctx_begin_pos, sizes,
 scaling factor, scheduler config) and the tokenizers, scheduler and image processor config,
-so an export folder serves on its own. The gate: every fp32 graph within its tolerance of
+so an export folder serves on its own. With a ControlNet (the model folder's own
+`controlnet/`, or `export.controlnet`), also `controlnet` and `unet_control`
+(`components.export.graphs`). The gate: every fp32 graph within its tolerance of
 PyTorch fp32 on seeded random inputs at another batch size (`components.export.parity`);
 otherwise the stage fails naming the graph and writes nothing. `reports/export/parity.json`
 has the numbers of every graph, fp16 ones included (reported, not gated).
@@ -109,7 +111,24 @@ def write_serving_files(model, out: Path) -> dict[str, str]:
             "image_processor": "image_processor/preprocessor_config.json"}
 
 
-def manifest(model, cfg: ExportConfig, source: str, model_hash: str, graphs: dict, files: dict) -> dict:
+def controlnet_source(cfg: ExportConfig, model, source: str, root: Path) -> dict | None:
+    """The exported ControlNet ({source, hash}): `export.controlnet` added to the model, or the
+    model folder's own; None without one."""
+    from components.core.paths import local_path
+    from components.model import controlnet
+
+    if cfg.controlnet is None:
+        return {"source": f"{source}/controlnet", "hash": None} if model.controlnets else None
+    if model.controlnets:
+        raise BlipDiffError(f"export.controlnet: {source} already has a ControlNet; an export holds one")
+    local = local_path(cfg.controlnet, root)
+    controlnet.attach(model, [str(local) if local.exists() else cfg.controlnet], source)
+    folder = controlnet.controlnet_folder(local) if local.exists() else None
+    return {"source": cfg.controlnet, "hash": folder_hash(folder) if folder else cfg.controlnet}
+
+
+def manifest(model, cfg: ExportConfig, source: str, model_hash: str, graphs: dict, files: dict,
+             control: dict | None = None) -> dict:
     import onnx
     import onnxruntime
     import torch
@@ -124,6 +143,7 @@ def manifest(model, cfg: ExportConfig, source: str, model_hash: str, graphs: dic
         "ctx_begin_pos": dims.ctx_begin_pos, "num_query_tokens": dims.num_query, "hidden_size": dims.hidden,
         "text_length": dims.text_length, "subject_image_size": dims.image_size,
         "latent_channels": dims.latent_channels, "latent_multiple": dims.latent_multiple,
+        "residuals": [list(r) for r in dims.residuals], "controlnet": control,
         "vae_scale_factor": dims.vae_scale_factor, "scaling_factor": float(model.vae.config.scaling_factor),
         "native_size": model.native_size,
         "image_processor": model.image_processor.to_json(),
@@ -161,6 +181,7 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
     source, model_hash, folder = model_source(cfg, params.preset, root)
     log.info("exporting %s (%s) to ONNX, opset %d, on %s", source, model_hash, cfg.opset, device)
     model = load_model(cfg, params.preset, source, folder)
+    control = controlnet_source(cfg, model, source, root)
 
     start = time.perf_counter()
     with atomic_path(root / EXPORT_DIR) as out:
@@ -170,7 +191,7 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
         seconds_parity = time.perf_counter() - start - seconds_export
         parity.gate(report)  # raises naming the graph: nothing is written
         files = write_serving_files(model, out)
-        write_json(manifest(model, cfg, source, model_hash, graphs, files), out / MANIFEST.name)
+        write_json(manifest(model, cfg, source, model_hash, graphs, files, control), out / MANIFEST.name)
     write_json(parity_report(report, cfg), root / PARITY)
     trt = tensorrt_engines(cfg, root / EXPORT_DIR, root / ENGINES_DIR, trt_reason)
     log.info("wrote %s (%.1f MB) and %s", EXPORT_DIR, folder_size(root / EXPORT_DIR) / 1e6, PARITY)
