@@ -6,24 +6,31 @@ A manifest (CSV, JSONL or parquet) has one row per job: `id` (unique; names the 
 (default: the source subject), `num_images` (default 1), `seed` (image k uses seed + k) and
 sampler settings `steps`, `guidance_scale`, `scheduler`, `negative_prompt`, `height`,
 `width` (defaults: the command's flags). Relative paths are relative to the manifest's folder.
+ControlNet (the model's own, one): `control_image` (a path), `control_type` (canny|none) and
+`controlnet_scale` (defaults: `--control-type`, `--controlnet-scale`; canny thresholds: the
+flags); a row without `control_image` is generated without control.
 
 The whole manifest is checked before any model is loaded: a missing required column, an
 unknown column, a duplicate or unusable id stop at once with one line. A bad row (empty
-prompt, missing class, bad setting; later an unreadable subject image, an unknown class or
-a missing embeddings file) goes to `errors.jsonl` with its error, and the rest goes on.
+prompt, missing class, bad setting such as an unknown control_type; later an unreadable
+subject or control image, an unknown class, a missing embeddings file, a control image for a
+model without ControlNet) goes to `errors.jsonl` with its error, and the rest goes on.
 
 Batches: the images of all rows, in manifest order, grouped by sampler (size, steps,
-guidance, scheduler, negative prompt; groups in order of first appearance) and cut into
-batches of `batch_size` images. The plan depends on the manifest and the flags only, never on
-what is already done, so a batch always holds the same images (CPU float results can depend
-on a batch's other images in their last bits). Each finished batch is journaled in
-`batches.jsonl` after its images are written (each atomically: a temporary file, then
-os.replace). A re-run skips a batch whose journal entry (same images, same inputs, same
-model and backend) is there with all its images, and regenerates every other batch whole, so
-a run killed mid-batch and re-run gives the bytes of an uninterrupted run.
+guidance, scheduler, negative prompt) and by whether they have a control image (groups in
+order of first appearance), and cut into batches of `batch_size` images; the images of a
+control batch each have their own condition image and scale. The plan depends on the
+manifest and the flags only, never on what is already done, so a batch always holds the same
+images (CPU float results can depend on a batch's other images in their last bits). Each
+finished batch is journaled in `batches.jsonl` after its images are written (each
+atomically: a temporary file, then os.replace). A re-run skips a batch whose journal entry
+(same images, same inputs, the control images' content hashes among them, same model and
+backend) is there with all its images, and regenerates every other batch whole, so a run
+killed mid-batch and re-run gives the bytes of an uninterrupted run.
 
-Outputs: `images/<id>_<k>.png`, `records.parquet` (every input of every image, backend,
-provider, model hash, seconds of its batch), `errors.jsonl`, `batches.jsonl`.
+Outputs: `images/<id>_<k>.png`, `records.parquet` (every input of every image, the control
+image with its sha256 and settings included, backend, provider, model hash, seconds of its
+batch), `errors.jsonl`, `batches.jsonl`.
 """
 
 from __future__ import annotations
@@ -44,18 +51,21 @@ import numpy as np
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path
 from components.model.blip_diffusion import SCHEDULERS, BlipDiffusion
+from components.model.controlnet import CANNY_HIGH, CANNY_LOW, CONTROL_TYPES, NEEDS_WEIGHTS
 
 log = logging.getLogger(__name__)
 
 REQUIRED = ("id", "prompt", "source_subject")
 SUBJECT = ("subject_images", "embeddings")  # at least one of these columns; one of them per row
 SAMPLER = ("steps", "guidance_scale", "scheduler", "negative_prompt", "height", "width")
-OPTIONAL = ("target_subject", "num_images", "seed", *SAMPLER)
+CONTROL = ("control_image", "control_type", "controlnet_scale")
+OPTIONAL = ("target_subject", "num_images", "seed", *SAMPLER, *CONTROL)
 COLUMNS = (*REQUIRED, *SUBJECT, *OPTIONAL)
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
 
 IMAGES_DIR, RECORDS, ERRORS, JOURNAL = "images", "records.parquet", "errors.jsonl", "batches.jsonl"
+CONTROL_MAX_SIDE = 4096  # as `blipdiff generate` reads a control image
 
 
 # ---------------------------------------------------------------------- manifest
@@ -72,6 +82,37 @@ class Sampler:
 
 
 @dataclass(frozen=True)
+class ControlDefaults:
+    """The flags' defaults of a row's control (`--control-type`, `--canny-low/-high`,
+    `--controlnet-scale`)."""
+
+    control_type: str = "canny"
+    canny_low: int = CANNY_LOW
+    canny_high: int = CANNY_HIGH
+    controlnet_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class ControlInput:
+    """A row's control: its condition image and how the ControlNet is given it."""
+
+    image: str  # resolved path
+    sha256: str | None  # of the file when the manifest was read; None: missing or unreadable then
+    type: str  # canny | none
+    canny_low: int | None  # None for type none (unused)
+    canny_high: int | None
+    scale: float
+
+    def record(self) -> dict:
+        return {"control_image": self.image, "control_sha256": self.sha256, "control_type": self.type,
+                "canny_low": self.canny_low, "canny_high": self.canny_high, "controlnet_scale": self.scale}
+
+
+NO_CONTROL = {"control_image": None, "control_sha256": None, "control_type": None, "canny_low": None,
+              "canny_high": None, "controlnet_scale": None}
+
+
+@dataclass(frozen=True)
 class Job:
     """One checked manifest row."""
 
@@ -85,6 +126,7 @@ class Job:
     num_images: int
     seed: int
     sampler: Sampler
+    control: ControlInput | None = None
 
 
 @dataclass(frozen=True)
@@ -189,7 +231,47 @@ def _resolve(base: Path, path: str) -> str:
     return str(p if p.is_absolute() else (base / p))
 
 
-def check_row(row: dict, n: int, base: Path, defaults: Sampler, seed: int) -> Job:
+def file_sha256(path: str) -> str | None:
+    """The file's content hash, None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def check_control(row: dict, base: Path, defaults: ControlDefaults,
+                  hashes: dict[str, str | None] | None = None) -> ControlInput | None:
+    """A row's control (None: no control_image); ValueError for a bad control setting.
+    `hashes` caches the files' content hashes by path."""
+    image = row.get("control_image")
+    kind = defaults.control_type if row.get("control_type") is None else str(row["control_type"]).strip()
+    if kind in NEEDS_WEIGHTS:
+        raise ValueError(f"control_type {kind} needs {NEEDS_WEIGHTS[kind]}, which cannot be loaded offline: make "
+                         "the map elsewhere and give it with control_type none")
+    if kind not in CONTROL_TYPES:
+        raise ValueError(f"unknown control_type {kind!r}; choose one of {', '.join(CONTROL_TYPES)}")
+    scale = (defaults.controlnet_scale if row.get("controlnet_scale") is None
+             else _float(row["controlnet_scale"], "controlnet_scale"))
+    if image is None:
+        given = [k for k in ("control_type", "controlnet_scale") if row.get(k) is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} without control_image: give the control image, or leave "
+                             f"{'them' if len(given) > 1 else 'it'} empty")
+        return None
+    if not isinstance(image, str) or not image.strip():
+        raise ValueError(f"control_image must be one path, got {image!r}")
+    path = _resolve(base, image.strip())
+    hashes = {} if hashes is None else hashes
+    if path not in hashes:
+        hashes[path] = file_sha256(path)
+    canny = kind == "canny"
+    return ControlInput(image=path, sha256=hashes[path], type=kind, canny_low=defaults.canny_low if canny else None,
+                        canny_high=defaults.canny_high if canny else None, scale=scale)
+
+
+def check_row(row: dict, n: int, base: Path, defaults: Sampler, seed: int,
+              control_defaults: ControlDefaults | None = None, hashes: dict | None = None) -> Job:
     """One row as a Job; ValueError naming the problem when it is a bad row."""
     prompt = str(row.get("prompt") or "").strip()
     if not prompt:
@@ -222,16 +304,20 @@ def check_row(row: dict, n: int, base: Path, defaults: Sampler, seed: int) -> Jo
         if sampler[key] is not None and (sampler[key] <= 0 or sampler[key] % 8):
             raise ValueError(f"{key} must be a positive multiple of 8, got {sampler[key]}")
     target = str(row.get("target_subject") or "").strip() or None
+    control = check_control(row, base, control_defaults or ControlDefaults(), hashes)
     return Job(id=str(row["id"]).strip(), row=n, prompt=prompt, source_subject=source, target_subject=target,
                subject_images=tuple(_resolve(base, p) for p in images),
                embeddings=_resolve(base, str(embeddings)) if embeddings is not None else None, num_images=num,
                seed=_int(row["seed"], "seed") if row.get("seed") is not None else seed,
-               sampler=Sampler(**sampler, prompt_strength=defaults.prompt_strength, prompt_reps=defaults.prompt_reps))
+               sampler=Sampler(**sampler, prompt_strength=defaults.prompt_strength, prompt_reps=defaults.prompt_reps),
+               control=control)
 
 
-def read_manifest(path: Path, defaults: Sampler, seed: int = 0) -> tuple[list[Job], list[dict]]:
+def read_manifest(path: Path, defaults: Sampler, seed: int = 0,
+                  control_defaults: ControlDefaults | None = None) -> tuple[list[Job], list[dict]]:
     """(the good rows as jobs, the bad rows' errors). Stops with one line at a missing or
-    unknown column, a duplicate, empty or unusable id (ids name the image files)."""
+    unknown column, a duplicate, empty or unusable id (ids name the image files). Control
+    images are hashed here (a missing one is the row's error when its batch runs)."""
     path = Path(path)
     rows = read_rows(path)
     seen: dict[str, int] = {}
@@ -243,10 +329,10 @@ def read_manifest(path: Path, defaults: Sampler, seed: int = 0) -> tuple[list[Jo
         if rid in seen:
             raise BlipDiffError(f"{path}: duplicate id {rid!r} (rows {seen[rid]} and {n})")
         seen[rid] = n
-    jobs, errors = [], []
+    jobs, errors, hashes = [], [], {}
     for n, row in enumerate(rows, 1):
         try:
-            jobs.append(check_row(row, n, path.resolve().parent, defaults, seed))
+            jobs.append(check_row(row, n, path.resolve().parent, defaults, seed, control_defaults, hashes))
         except ValueError as exc:
             errors.append({"id": str(row["id"]).strip(), "row": n, "error": str(exc)})
     return jobs, errors
@@ -260,17 +346,24 @@ class Batch:
     sampler: Sampler  # sizes resolved
     key: str = ""
 
+    @property
+    def controlled(self) -> bool:
+        """Its images have control images (a batch's images all have, or none has)."""
+        return self.items[0].job.control is not None
+
 
 def plan(jobs: Iterable[Job], batch_size: int, native_size: int, model_key: str) -> list[Batch]:
-    """The batches: images grouped by sampler (sizes resolved), in manifest order, cut into
-    `batch_size` images. Depends only on the jobs and flags, not on what is done."""
-    groups: dict[Sampler, list[Item]] = {}
+    """The batches: images grouped by sampler (sizes resolved) and by whether they have a
+    control image, in manifest order, cut into `batch_size` images. Depends only on the jobs
+    and flags, not on what is done."""
+    groups: dict[tuple[Sampler, bool], list[Item]] = {}
     for job in jobs:
         s = job.sampler
         resolved = Sampler(**{**asdict(s), "height": s.height or native_size, "width": s.width or native_size})
-        groups.setdefault(resolved, []).extend(Item(job, k) for k in range(job.num_images))
+        key = (resolved, job.control is not None)
+        groups.setdefault(key, []).extend(Item(job, k) for k in range(job.num_images))
     batches = []
-    for sampler, items in groups.items():
+    for (sampler, _), items in groups.items():
         for lo in range(0, len(items), batch_size):
             batch = Batch(len(batches), items[lo:lo + batch_size], sampler)
             batch.key = batch_key(batch, model_key)
@@ -283,6 +376,9 @@ def batch_key(batch: Batch, model_key: str) -> str:
     backend. A journal entry with another key is stale."""
     items = [[i.job.id, i.k, i.seed, i.job.prompt, i.job.source_subject, i.job.target_subject,
               list(i.job.subject_images), i.job.embeddings] for i in batch.items]
+    for item, inputs in zip(batch.items, items):  # (rows without control keep their keys of before)
+        if item.job.control is not None:
+            inputs.append(asdict(item.job.control))
     text = json.dumps([items, asdict(batch.sampler), model_key], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -333,6 +429,60 @@ class Subjects:
         return gen.subject_embeddings(refs, job.source_subject), job.source_subject
 
 
+# ---------------------------------------------------------------------- control images
+class Controls:
+    """Condition maps (HxWx3 uint8, as the ControlNet is given them before the resize) per
+    control input; the last `keep` kept in memory, errors all (a bad control image is reported
+    for every row that uses it)."""
+
+    def __init__(self, max_image_pixels: int, keep: int = 32):
+        from collections import OrderedDict
+
+        self.max_image_pixels, self.keep = max_image_pixels, keep
+        self.maps: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.errors: dict[tuple, BlipDiffError] = {}
+
+    def get(self, control: ControlInput) -> np.ndarray:
+        key = (control.image, control.sha256, control.type, control.canny_low, control.canny_high)
+        if key in self.errors:
+            raise self.errors[key]
+        if key in self.maps:
+            self.maps.move_to_end(key)
+            return self.maps[key]
+        try:
+            value = self._compute(control)
+        except BlipDiffError as exc:
+            self.errors[key] = exc
+            raise
+        self.maps[key] = value
+        while len(self.maps) > self.keep:
+            self.maps.popitem(last=False)
+        return value
+
+    def _compute(self, control: ControlInput) -> np.ndarray:
+        from components.data.images import read_subject_images
+        from components.model.controlnet import condition_map
+
+        (image,) = read_subject_images([Path(control.image)], max_side=CONTROL_MAX_SIDE,
+                                       max_pixels=self.max_image_pixels, what="control image")
+        if file_sha256(control.image) != control.sha256:
+            raise BlipDiffError(f"control image {control.image} changed after the manifest was read: run again")
+        if control.type == "canny":
+            return condition_map(image, "canny", control.canny_low, control.canny_high)
+        return condition_map(image, control.type)
+
+
+def no_controlnet_error(num_controlnets: int) -> str | None:
+    """Why a row with a control image cannot run on networks with this many ControlNets."""
+    if num_controlnets == 0:
+        return ("the model has no ControlNet: give --model a checkpoint in the Salesforce/blipdiffusion-controlnet "
+                "layout (a controlnet/ folder), or an export of one, or drop the row's control_image")
+    if num_controlnets > 1:
+        return (f"the model has {num_controlnets} ControlNets: blipdiff batch drives one (control_image); use a "
+                "model with one")
+    return None
+
+
 # ---------------------------------------------------------------------- outputs
 def _write_png(image: np.ndarray, path: Path) -> None:
     from components.data.images import save_png
@@ -370,8 +520,12 @@ def _done(entry: dict | None, out: Path) -> bool:
 def _write_records(records: list[dict], path: Path) -> None:
     import pandas as pd
 
+    frame = pd.DataFrame(records)
+    for column in ("canny_low", "canny_high"):  # integers, empty for rows without canny
+        if column in frame:
+            frame[column] = frame[column].astype("Int64")
     with atomic_path(path) as tmp:
-        pd.DataFrame(records).to_parquet(tmp, index=False)
+        frame.to_parquet(tmp, index=False)
 
 
 def _write_errors(errors: list[dict], path: Path) -> None:
@@ -390,14 +544,15 @@ class Summary:
 
 
 def run(manifest: Path, out: Path, load_generator: Callable[[], Any], defaults: Sampler, batch_size: int = 8,
-        seed: int = 0, max_image_pixels: int | None = None, progress: bool = True) -> Summary:
+        seed: int = 0, max_image_pixels: int | None = None, progress: bool = True,
+        control_defaults: ControlDefaults | None = None) -> Summary:
     """Generate every image of `manifest` into `out` (see the module doc). `load_generator` is
     called once the manifest has been checked."""
     from components.data.images import MAX_PIXELS
 
     if batch_size < 1:
         raise BlipDiffError(f"--batch-size must be >= 1, got {batch_size}")
-    jobs, static_errors = read_manifest(manifest, defaults, seed)  # before any model is loaded
+    jobs, static_errors = read_manifest(manifest, defaults, seed, control_defaults)  # before loading a model
     log.info("%s: %d rows, %d images; %d bad rows", manifest, len(jobs) + len(static_errors),
              sum(j.num_images for j in jobs), len(static_errors))
     start = time.perf_counter()
@@ -419,6 +574,7 @@ def run(manifest: Path, out: Path, load_generator: Callable[[], Any], defaults: 
     if skipped:
         log.info("%s: %d of %d images already done (batches.jsonl): %d batches to run", out, skipped, total, len(todo))
     subjects = Subjects(gen, max_image_pixels or MAX_PIXELS)
+    controls = Controls(max_image_pixels or MAX_PIXELS)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -427,7 +583,7 @@ def run(manifest: Path, out: Path, load_generator: Callable[[], Any], defaults: 
     generated = 0
     try:
         for batch in todo:
-            journal[batch.key] = _run_batch(batch, gen, subjects, out, info)
+            journal[batch.key] = _run_batch(batch, gen, subjects, controls, out, info)
             _append_journal(out, journal[batch.key])
             generated += len(journal[batch.key]["records"])
             if bar is not None:
@@ -456,14 +612,21 @@ def run(manifest: Path, out: Path, load_generator: Callable[[], Any], defaults: 
     return summary
 
 
-def _run_batch(batch: Batch, gen, subjects: Subjects, out: Path, info: dict) -> dict:
+def _run_batch(batch: Batch, gen, subjects: Subjects, controls: Controls, out: Path, info: dict) -> dict:
     """Generate one batch's images (less those of bad rows); its journal entry."""
     import torch
 
-    items, embeds, sources, errors = [], [], [], []
+    from components.model.controlnet import Control, control_pixels
+
+    items, embeds, sources, maps, errors = [], [], [], [], []
+    no_controlnet = no_controlnet_error(int(getattr(gen.networks, "num_controlnets", 0) or 0)) \
+        if batch.controlled else None
     for item in batch.items:
         try:
+            if no_controlnet:
+                raise BlipDiffError(no_controlnet)
             e, source = subjects.get(item.job)
+            condition = controls.get(item.job.control) if item.job.control is not None else None
         except BlipDiffError as exc:
             if not any(e["id"] == item.job.id for e in errors):
                 errors.append({"id": item.job.id, "row": item.job.row, "error": str(exc)})
@@ -471,16 +634,20 @@ def _run_batch(batch: Batch, gen, subjects: Subjects, out: Path, info: dict) -> 
         items.append(item)
         embeds.append(e)
         sources.append(source)
+        maps.append(condition)
     s = batch.sampler
     records = []
     if items:
         targets = [i.job.target_subject or src for i, src in zip(items, sources)]
+        control = None
+        if batch.controlled:  # one ControlNet: a condition image and a scale per image
+            control = Control([control_pixels(maps, s.height, s.width)], [[i.job.control.scale for i in items]])
         t = time.perf_counter()
         images = gen.generate(
             torch.cat(embeds), [i.job.prompt for i in items], targets, [i.seed for i in items],
             negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale, num_inference_steps=s.steps,
             height=s.height, width=s.width, scheduler=s.scheduler, prompt_strength=s.prompt_strength,
-            prompt_reps=s.prompt_reps,
+            prompt_reps=s.prompt_reps, control=control,
         )
         seconds = time.perf_counter() - t
         for item, source, target, image in zip(items, sources, targets, images):
@@ -491,7 +658,8 @@ def _run_batch(batch: Batch, gen, subjects: Subjects, out: Path, info: dict) -> 
                 "prompt": job.prompt,
                 "built_prompt": BlipDiffusion.build_prompt(job.prompt, target, s.prompt_strength, s.prompt_reps),
                 "source_subject": source, "target_subject": target, "subject_images": list(job.subject_images),
-                "embeddings": job.embeddings, "num_images": job.num_images, **asdict(s), **info,
+                "embeddings": job.embeddings, "num_images": job.num_images, **asdict(s),
+                **(job.control.record() if job.control is not None else NO_CONTROL), **info,
                 "batch": batch.index, "batch_key": batch.key, "batch_images": len(items),
                 "seconds_batch": round(seconds, 4), "seconds_per_image": round(seconds / len(items), 4),
             })

@@ -5,7 +5,8 @@
 
 Manifest columns: id, prompt, source_subject, subject_images (CSV: `;`-separated) or
 embeddings; optional target_subject, num_images, seed, steps, guidance_scale, scheduler,
-negative_prompt, height, width (defaults: the flags below). Writes out/images/<id>_<k>.png,
+negative_prompt, height, width, and for the model's ControlNet control_image, control_type
+(canny|none), controlnet_scale (defaults: the flags below). Writes out/images/<id>_<k>.png,
 out/records.parquet, out/errors.jsonl (bad rows) and out/batches.jsonl (finished batches: a
 re-run after an interruption makes only what is missing, with the same bytes).
 """
@@ -20,6 +21,7 @@ from components.core.errors import BlipDiffError
 from components.core.paths import BLIP_DIFFUSION_DIR, EXPORT_DIR
 from components.data.images import MAX_PIXELS
 from components.model.blip_diffusion import SCHEDULERS
+from components.model.controlnet import CANNY_HIGH, CANNY_LOW
 from components.model.device import DTYPES
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--prompt-strength", type=float, default=1.0)
     gen.add_argument("--prompt-reps", type=int, default=20)
     gen.add_argument("--max-image-pixels", type=int, default=MAX_PIXELS,
-                     help="refuse a subject image declaring more pixels, before decoding it")
+                     help="refuse a subject or control image declaring more pixels, before decoding it")
+    ctl = p.add_argument_group("defaults of the control columns (rows with a control_image; the model's ControlNet)")
+    ctl.add_argument("--control-type", default="canny", metavar="canny|none",
+                     help="canny: the control image's edge map (OpenCV); none: the image is already a condition map")
+    ctl.add_argument("--canny-low", type=int, default=CANNY_LOW, help="canny's low threshold (all rows)")
+    ctl.add_argument("--canny-high", type=int, default=CANNY_HIGH, help="canny's high threshold (all rows)")
+    ctl.add_argument("--controlnet-scale", type=float, default=1.0,
+                     help="the ControlNet residuals' scale (0: as without ControlNet)")
     run_on = p.add_argument_group("where it runs")
     run_on.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="torch backend")
     run_on.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -58,6 +67,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run_on.add_argument("--trt-profile", help="the engines' optimisation profile (default: the only one there)")
     run_on.add_argument("--build-engines", action="store_true",
                         help="build (or reuse up-to-date) TensorRT engines from the export's fp16 graphs first")
+
+
+def _control_defaults(args):
+    import math
+
+    from components.model import controlnet
+    from serving.batch import ControlDefaults
+
+    if args.control_type in controlnet.NEEDS_WEIGHTS or args.control_type not in controlnet.CONTROL_TYPES:
+        controlnet.condition_map(None, args.control_type)  # the one-line error
+    if not 0 <= args.canny_low <= args.canny_high:
+        raise BlipDiffError(f"--canny-low/--canny-high must satisfy 0 <= low <= high, got {args.canny_low}/"
+                            f"{args.canny_high}")
+    if not math.isfinite(args.controlnet_scale):
+        raise BlipDiffError(f"--controlnet-scale must be a finite number, got {args.controlnet_scale}")
+    return ControlDefaults(control_type=args.control_type, canny_low=args.canny_low, canny_high=args.canny_high,
+                           controlnet_scale=args.controlnet_scale)
 
 
 def _defaults(args):
@@ -81,7 +107,7 @@ def run(args):
     from components.core.paths import REGISTRY_PREFIX
     from serving.generator import Generator
 
-    defaults = _defaults(args)
+    defaults, control_defaults = _defaults(args), _control_defaults(args)
     source = args.model or str(BLIP_DIFFUSION_DIR if args.backend == "torch" else EXPORT_DIR)
 
     def load():  # called once the manifest has been checked
@@ -98,7 +124,7 @@ def run(args):
         return gen
 
     summary = batch.run(args.manifest, args.out, load, defaults, batch_size=args.batch_size, seed=args.seed,
-                        max_image_pixels=args.max_image_pixels)
+                        max_image_pixels=args.max_image_pixels, control_defaults=control_defaults)
     if summary.failed_rows:
         log.warning("%d bad rows: see %s", summary.failed_rows, args.out / batch.ERRORS)
     print(f"{args.out}: {summary.generated} images generated, {summary.skipped} already there, "
