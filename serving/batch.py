@@ -442,15 +442,18 @@ class Controls:
         self.maps: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self.errors: dict[tuple, BlipDiffError] = {}
 
-    def get(self, control: ControlInput) -> np.ndarray:
-        key = (control.image, control.sha256, control.type, control.canny_low, control.canny_high)
+    def get(self, control: ControlInput, short_side: int) -> np.ndarray:
+        """The condition map of a row's control image; a canny map made at `short_side`
+        (`controlnet.canny_side` of the output size)."""
+        key = (control.image, control.sha256, control.type, control.canny_low, control.canny_high,
+               short_side if control.type == "canny" else None)
         if key in self.errors:
             raise self.errors[key]
         if key in self.maps:
             self.maps.move_to_end(key)
             return self.maps[key]
         try:
-            value = self._compute(control)
+            value = self._compute(control, short_side)
         except BlipDiffError as exc:
             self.errors[key] = exc
             raise
@@ -459,7 +462,7 @@ class Controls:
             self.maps.popitem(last=False)
         return value
 
-    def _compute(self, control: ControlInput) -> np.ndarray:
+    def _compute(self, control: ControlInput, short_side: int) -> np.ndarray:
         from components.data.images import read_subject_images
         from components.model.controlnet import condition_map
 
@@ -468,7 +471,7 @@ class Controls:
         if file_sha256(control.image) != control.sha256:
             raise BlipDiffError(f"control image {control.image} changed after the manifest was read: run again")
         if control.type == "canny":
-            return condition_map(image, "canny", control.canny_low, control.canny_high)
+            return condition_map(image, "canny", control.canny_low, control.canny_high, short_side)
         return condition_map(image, control.type)
 
 
@@ -616,8 +619,9 @@ def _run_batch(batch: Batch, gen, subjects: Subjects, controls: Controls, out: P
     """Generate one batch's images (less those of bad rows); its journal entry."""
     import torch
 
-    from components.model.controlnet import Control, control_pixels
+    from components.model.controlnet import Control, canny_side, control_pixels
 
+    s = batch.sampler
     items, embeds, sources, maps, errors = [], [], [], [], []
     no_controlnet = no_controlnet_error(int(getattr(gen.networks, "num_controlnets", 0) or 0)) \
         if batch.controlled else None
@@ -626,7 +630,8 @@ def _run_batch(batch: Batch, gen, subjects: Subjects, controls: Controls, out: P
             if no_controlnet:
                 raise BlipDiffError(no_controlnet)
             e, source = subjects.get(item.job)
-            condition = controls.get(item.job.control) if item.job.control is not None else None
+            condition = controls.get(item.job.control, canny_side(s.height, s.width)) \
+                if item.job.control is not None else None
         except BlipDiffError as exc:
             if not any(e["id"] == item.job.id for e in errors):
                 errors.append({"id": item.job.id, "row": item.job.row, "error": str(exc)})
@@ -635,7 +640,6 @@ def _run_batch(batch: Batch, gen, subjects: Subjects, controls: Controls, out: P
         embeds.append(e)
         sources.append(source)
         maps.append(condition)
-    s = batch.sampler
     records = []
     if items:
         targets = [i.job.target_subject or src for i, src in zip(items, sources)]

@@ -170,6 +170,8 @@ def test_canny_is_lavis_recipe_binary_edges_at_multiples_of_64():
     edges = controlnet.canny(image)
     assert edges.shape == (768, 512, 3)  # short side 512, long side 768 (multiples of 64)
     assert set(np.unique(edges)) == {0, 255} and (edges[..., 0] == edges[..., 2]).all()
+    assert controlnet.canny_side(512, 512) == 512 and controlnet.canny_side(32, 32) == 64
+    assert controlnet.canny_side(768, 512) == 512 and controlnet.canny(image, short_side=64).shape == (128, 64, 3)
     dense = controlnet.canny(image, 30, 70)
     assert (dense > 0).sum() >= (edges > 0).sum()
     with pytest.raises(BlipDiffError, match="needs a depth estimator"):
@@ -219,6 +221,19 @@ def cn_folder(tmp_path_factory, model):
     return folder
 
 
+@pytest.fixture(scope="module")
+def other_cn(tmp_path_factory):
+    """A ControlNet made for another UNet (block channels 16/32, cross-attention 24)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    other = UNet2DConditionModel(sample_size=16, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=24)
+    folder = tmp_path_factory.mktemp("other") / "controlnet"
+    ControlNetModel.from_unet(other, conditioning_embedding_out_channels=(8, 16)).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def files(tmp_path):
     paths = {}
@@ -253,7 +268,8 @@ def test_generate_with_control_images_end_to_end(tmp_path, files, cn_folder):
     assert main(_cli(canny, files, "--prompt", "x", "--controlnet", str(cn_folder), "--control-image",
                      str(files["ref"]), "--canny-low", "30", "--canny-high", "70")) == 0
     edges = np.asarray(Image.open(canny / "control/00.png"))
-    assert edges.shape == (512, 512, 3) and set(np.unique(edges)) <= {0, 255} and edges.max() == 255
+    # made at the output's side rounded to 64 (LAVIS: 512 for 512 px images), white on black
+    assert edges.shape == (64, 64, 3) and set(np.unique(edges)) <= {0, 255} and edges.max() == 255
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -271,11 +287,13 @@ def test_generate_with_control_images_end_to_end(tmp_path, files, cn_folder):
     (["--controlnet", "{cn}", "--controlnet", "{cn}", "--control-image", "{edges_a}"],
      "1 --control-image for 2 ControlNets"),
     (["--controlnet", "{tmp}", "--control-image", "{edges_a}"], "no ControlNet here"),
+    (["--controlnet", "{other}", "--control-image", "{edges_a}"],
+     "does not fit the UNet of preset tiny (seed 0) (block channels [32, 64], cross-attention 32)"),
 ])
-def test_generate_control_bad_input_is_one_line_error(tmp_path, files, cn_folder, capsys, extra, message):
+def test_generate_control_bad_input_is_one_line_error(tmp_path, files, cn_folder, other_cn, capsys, extra, message):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     names = {"edges_a": files["edges_a"], "cn": cn_folder, "missing": tmp_path / "nope.png",
-             "bad": tmp_path / "bad.png", "tmp": tmp_path}
+             "bad": tmp_path / "bad.png", "tmp": tmp_path, "other": other_cn}
     args = _cli(tmp_path / "o", files, "--prompt", "x", *[a.format(**names) for a in extra])
     code = main(args)
     err = capsys.readouterr().err.strip().splitlines()

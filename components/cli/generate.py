@@ -214,7 +214,8 @@ def _control(args, model, prompts: list[str], height: int, width: int) -> tuple[
         return None, []
     nets = len(model.controlnets)
     _control_counts(nets, len(args.control_image), len(args.controlnet_scale), len(args.prompt))
-    maps = [controlnet.condition_map(im, args.control_type, args.canny_low, args.canny_high)
+    maps = [controlnet.condition_map(im, args.control_type, args.canny_low, args.canny_high,
+                                     controlnet.canny_side(height, width))
             for im in read_subject_images(args.control_image, max_side=4096, max_pixels=args.max_image_pixels,
                                           what="control image")]
     pixels = controlnet.control_pixels(maps, height, width)

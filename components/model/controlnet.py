@@ -120,16 +120,25 @@ def attach(model, specs: Sequence[str | Path], model_name: str) -> None:
 
 
 # -------------------------------------------------------------------- condition images
-def canny(image: np.ndarray, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> np.ndarray:
-    """An edge map as LAVIS's notebook makes it: the short side to 512 (Lanczos), both sides
-    rounded to multiples of 64, `cv2.Canny` on the 3-channel image; white edges on black,
-    3 channels (HxWx3 uint8)."""
+def canny_side(height: int, width: int) -> int:
+    """The short side the edge map is made at for an output of height x width: the output's
+    short side rounded to a multiple of 64 (at least 64), so 512 for the released model's 512 px
+    images, as LAVIS's notebook. Edges made at 512 px and shrunk to a 32 px output would be
+    1/16 px wide, all but gone."""
+    return max(CANNY_MULTIPLE, int(round(min(height, width) / CANNY_MULTIPLE)) * CANNY_MULTIPLE)
+
+
+def canny(image: np.ndarray, low: int = CANNY_LOW, high: int = CANNY_HIGH,
+          short_side: int = CANNY_SHORT_SIDE) -> np.ndarray:
+    """An edge map as LAVIS's notebook makes it: the short side to `short_side` (512 there;
+    `canny_side` for other output sizes; Lanczos), both sides rounded to multiples of 64,
+    `cv2.Canny` on the 3-channel image; white edges on black, 3 channels (HxWx3 uint8)."""
     import cv2
 
     if not 0 <= low <= high:
         raise BlipDiffError(f"canny thresholds must satisfy 0 <= low <= high, got {low}/{high}")
     h, w = image.shape[:2]
-    scale = CANNY_SHORT_SIDE / min(h, w)
+    scale = short_side / min(h, w)
     size = (max(CANNY_MULTIPLE, int(np.round(w * scale / CANNY_MULTIPLE)) * CANNY_MULTIPLE),
             max(CANNY_MULTIPLE, int(np.round(h * scale / CANNY_MULTIPLE)) * CANNY_MULTIPLE))
     resized = np.asarray(Image.fromarray(image).convert("RGB").resize(size, Image.Resampling.LANCZOS))
@@ -137,7 +146,8 @@ def canny(image: np.ndarray, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> np
     return np.repeat(edges[:, :, None], 3, axis=2)
 
 
-def condition_map(image: np.ndarray, control_type: str, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> np.ndarray:
+def condition_map(image: np.ndarray, control_type: str, low: int = CANNY_LOW, high: int = CANNY_HIGH,
+                  short_side: int = CANNY_SHORT_SIDE) -> np.ndarray:
     """What the ControlNet is given for a user's image: its canny edges, or (`none`) the image
     itself, already a condition map (a depth or HED map made elsewhere)."""
     if control_type in NEEDS_WEIGHTS:
@@ -145,7 +155,7 @@ def condition_map(image: np.ndarray, control_type: str, low: int = CANNY_LOW, hi
                             "loaded offline: make the map elsewhere and pass it with --control-type none")
     if control_type not in CONTROL_TYPES:
         raise BlipDiffError(f"unknown control type {control_type!r}; choose one of {', '.join(CONTROL_TYPES)}")
-    return canny(image, low, high) if control_type == "canny" else np.asarray(image)
+    return canny(image, low, high, short_side) if control_type == "canny" else np.asarray(image)
 
 
 def control_pixels(images: Sequence[np.ndarray], height: int, width: int) -> torch.Tensor:
