@@ -16,7 +16,7 @@ import yaml
 
 from components.core.paths import DREAMBENCH_ENV
 from tests.helpers import dreambench_mini
-from tests.helpers.fast_params import FAST_BASE
+from tests.helpers.fast_params import FAST_BASE, FAST_CONTROLNET
 
 REPO = Path(__file__).resolve().parents[1]
 # A local DreamBench copy (the DreamBooth dataset folder), as users give one: CI sets it.
@@ -79,6 +79,7 @@ def checkout(tmp_path):
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["ingest"]["synthetic"].update(num_subjects=3, min_views=4, max_views=4, image_size=64)
     params["base"].update(FAST_BASE)
+    params["controlnet"].update(FAST_CONTROLNET)
     params["pretrain_qformer"].update(steps=3, batch_size=4, log_every=1)
     params["train_subject"].update(steps=3, batch_size=2, resolution=16, log_every=1, id_draws=1)
     params["evaluate"].update(subjects=2, prompts_per_subject=1, images_per_prompt=2, steps=2)
@@ -94,24 +95,26 @@ def checkout(tmp_path):
 
 # The outputs a test of the default profile reads (a copy: tests never write the workspace's).
 DEFAULT_RUN_OUTPUTS = ("data/subjects", "data/subjects.parquet", "data/context", "data/pairs.parquet",
-                       "models/base", "models/qformer", "models/blip_diffusion", "metrics", "reports/samples")
-DEFAULT_RUN_STAGES = ("ingest", "context", "base", "pretrain_qformer", "train_subject")
+                       "models/base", "models/controlnet", "models/qformer", "models/blip_diffusion", "metrics",
+                       "reports/samples")
+DEFAULT_RUN_STAGES = ("ingest", "context", "base", "controlnet", "pretrain_qformer", "train_subject")
 
 
 def _workspace_is_current() -> bool:
     """The workspace holds the default profile's outputs of the current code and params
-    (`dvc status` of train_subject and its upstream stages is clean): `make repro` ran."""
+    (`dvc status` of train_subject, controlnet and their upstream stages is clean): `make repro` ran."""
     if not all((REPO / rel).exists() for rel in DEFAULT_RUN_OUTPUTS):
         return False
     dvc = Path(sys.executable).parent / "dvc"
-    proc = subprocess.run([str(dvc), "status", "train_subject", "--json"], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([str(dvc), "status", "train_subject", "controlnet", "--json"], cwd=REPO,
+                          capture_output=True, text=True)
     return proc.returncode == 0 and proc.stdout.strip() in ("{}", "")
 
 
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory) -> Path:
     """A folder holding the default profile's pipeline up to train_subject (params.yaml as it
-    is: 12 synthetic subjects, the trained tiny base, stages 1 and 2) with each stage's metrics
+    is: 12 synthetic subjects, the trained tiny base, its ControlNet, stages 1 and 2) with each stage's metrics
     file. A copy of the workspace's outputs when `dvc status` says they are current (CI runs
     `make repro` first), else the stages run here (about 10 minutes on 2 cores)."""
     root = tmp_path_factory.mktemp("default_run")

@@ -2,6 +2,7 @@
 parity gate, ONNX Runtime generation against PyTorch, and TensorRT's profiles for them."""
 
 import json
+import shutil
 import types
 
 import numpy as np
@@ -152,3 +153,9 @@ def test_export_stage_with_export_controlnet_and_the_torch_backend_of_it(tmp_pat
     layout.save(model, root / "models/with_cn")
     with pytest.raises(Exception, match="already has a ControlNet"):
         stage.run(twice, root)
+    # the default (the controlnet stage's folder) not there: one line, nothing exported
+    shutil.rmtree(root / "models/controlnet")
+    shutil.rmtree(root / "models/onnx")
+    with pytest.raises(Exception, match=r"export.controlnet: .*models/controlnet not found \(run `dvc repro controlnet`"):
+        stage.run(Params(), root)
+    assert not (root / "models/onnx").exists()

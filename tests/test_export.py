@@ -221,7 +221,7 @@ def test_parity_gate_names_the_graph_that_differs(exported, monkeypatch):
 def test_stage_fails_naming_the_graph_and_writes_nothing(tmp_path, model_folder, monkeypatch):
     root = _root(tmp_path, model_folder)
     _tolerance(monkeypatch, "text_encoder", 0.0)
-    params = Params.model_validate({"export": {"fp16": False}})
+    params = Params.model_validate({"export": {"fp16": False, "controlnet": None}})
     with pytest.raises(BlipDiffError, match="text_encoder: max abs diff"):
         export.run(params, root)
     assert not (root / "models/onnx").exists() and not (root / "reports/export/parity.json").exists()
@@ -298,7 +298,8 @@ def test_export_stage_end_to_end(tmp_path, model_folder):
 
     root = _root(tmp_path, model_folder)
     shutil.copy2(REPO / "params.yaml", root / "params.yaml")
-    metrics = runner.run_stage("export", root / "params.yaml", [], root)
+    # the model alone (with the ControlNet: tests/test_controlnet_export.py)
+    metrics = runner.run_stage("export", root / "params.yaml", ["export.controlnet=null"], root)
 
     out = root / "models/onnx"
     files = {p.name for p in out.iterdir()}

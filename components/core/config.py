@@ -159,6 +159,32 @@ class BaseConfig(_Section):
         return value
 
 
+# -------------------------------------------------------------------- controlnet
+class ControlNetCheckConfig(_Section):
+    """The control check: each held-out view's caption drawn with and without its edge map."""
+
+    steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(5.0, ge=1.0)
+
+
+class ControlNetConfig(_Section):
+    """Stage `controlnet`: a canny-edge ControlNet for the base model, in models/controlnet/.
+    Tiny: trained here (diffusers' ControlNetModel.from_unet of the base UNet) on the ingested
+    train split's edge maps; full presets: a ControlNet folder or hub id (`source`)."""
+
+    seed: int = 0
+    base: str | None = "models/base"  # the UNet it is made for; null: the preset's own networks (tests)
+    source: str | None = None  # null: tiny trains here, full presets take their canny ControlNet (hub)
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(2e-3, gt=0.0)
+    warmup_steps: int = Field(50, ge=0)
+    caption_drop: float = Field(0.5, ge=0.0, le=1.0)  # empty captions: the ControlNet learns from the edges alone
+    canny_low: int = Field(100, ge=0)
+    canny_high: int = Field(200, ge=0)
+    check: ControlNetCheckConfig = ControlNetCheckConfig()
+
+
 # -------------------------------------------------------------------- train_subject
 class PretrainQFormerConfig(_Section):
     """Stage 1, Q-Former pre-training with BLIP-2's three objectives (frozen image encoder)."""
@@ -335,7 +361,7 @@ class ExportConfig(_Section):
     model: str | None = "models/blip_diffusion"
     # A ControlNet (diffusers ControlNetModel folder, a checkpoint with controlnet/, or a hub id)
     # added to the model: the export then has the controlnet and unet_control graphs too.
-    controlnet: str | None = None
+    controlnet: str | None = "models/controlnet"
     opset: Literal[18, 19] = 18
     fp16: bool = True  # also <graph>.fp16.onnx (fp32 inputs and outputs), for GPUs
     batch: int = Field(2, ge=2, le=64)  # example batch of the export (a dynamic dim exported at 1 is specialised)
@@ -393,6 +419,7 @@ class Params(_Section):
     ingest: IngestConfig = IngestConfig()
     context: ContextConfig = ContextConfig()
     base: BaseConfig = BaseConfig()
+    controlnet: ControlNetConfig = ControlNetConfig()
     pretrain_qformer: PretrainQFormerConfig = PretrainQFormerConfig()
     train_subject: TrainSubjectConfig = TrainSubjectConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

@@ -16,6 +16,9 @@ CONTEXT_DIR = Path("data/context")
 PAIRS_MANIFEST = Path("data/pairs.parquet")
 # base (the model stages 1 and 2 start from)
 BASE_DIR = Path("models/base")
+# controlnet (a canny-edge ControlNet for the base model)
+CONTROLNET_DIR = Path("models/controlnet")
+CONTROLNET_GRID = Path("reports/samples/controlnet.png")  # a DVC image plot: views, edge maps, drawings
 # pretrain_qformer
 QFORMER_DIR = Path("models/qformer")
 # train_subject

@@ -93,3 +93,8 @@ def image_grid(cells: Sequence[Sequence], row_labels: Sequence[str], column_labe
             pil = Image.fromarray(_as_uint8(image)).resize((tile, tile), Image.Resampling.NEAREST)
             canvas.paste(pil, (x, y))
     return np.asarray(canvas)
+
+
+def grid_tile(size: int) -> int:
+    """The grid's cell size for images of `size` px: 3x up to 64 px (32 -> 96), else at most 256."""
+    return 3 * size if size <= 64 else min(size, 256)

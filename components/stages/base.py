@@ -29,8 +29,6 @@ from components.core.config import BaseConfig, Params
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path
 from components.core.paths import BASE_DIR, SUBJECTS_MANIFEST, local_path
-from components.data.backgrounds import with_scene
-from components.data.images import read_rgb
 from components.data.manifests import SUBJECTS_SCHEMA, read_manifest
 from components.model import layout
 from components.training import base_model
@@ -56,35 +54,10 @@ def run(params: Params, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 # ------------------------------------------------------------------------- tiny
-def read_data(root: Path) -> tuple[BaseData, BaseData]:
-    """The ingested train split and held-out views: images, captions, subjects."""
-    frame = read_manifest(root / SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
-    if frame.empty:
-        raise BlipDiffError(f"{SUBJECTS_MANIFEST}: no subjects (run `dvc repro ingest`)")
-    if frame["caption"].isna().any():
-        missing = sorted(frame.loc[frame["caption"].isna(), "subject_id"].unique())
-        raise BlipDiffError(f"{SUBJECTS_MANIFEST}: the tiny base's prior needs a caption for every image; "
-                            f"none for {', '.join(missing[:5])}")
-    subjects = sorted(frame["subject_id"].unique())
-    sizes = {(int(w), int(h)) for w, h in zip(frame["width"], frame["height"])}
-    if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
-        raise BlipDiffError(f"{SUBJECTS_MANIFEST}: the tiny base trains on square images of one size, got {sorted(sizes)[:4]}")
-
-    def part(rows) -> BaseData:
-        captions = [with_scene(c, s) for c, s in zip(rows["caption"], rows["scene"])]
-        return BaseData.from_arrays([read_rgb(root / p) for p in rows["image_path"]], captions,
-                                    list(rows["subject_id"]), subjects)
-
-    train, held = frame[frame["split"] == "train"], frame[frame["split"] == "test"]
-    if held.empty:
-        raise BlipDiffError("base: no held-out views to measure on (set ingest.test_views_per_subject >= 1)")
-    return part(train), part(held)
-
-
 def train_tiny(cfg: BaseConfig, root: Path) -> tuple[dict, dict[str, np.ndarray]]:
     from components.model.tiny.blip_diffusion import build_tiny
 
-    train, held = read_data(root)
+    train, held = base_model.read_data(root)
     torch.manual_seed(cfg.seed)
     model = build_tiny(cfg.seed, image_size=cfg.resolution)
     metrics: dict = {"train_images": len(train), "heldout_images": len(held), "subjects": len(train.subjects)}

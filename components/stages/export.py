@@ -114,7 +114,7 @@ def write_serving_files(model, out: Path) -> dict[str, str]:
 def controlnet_source(cfg: ExportConfig, model, source: str, root: Path) -> dict | None:
     """The exported ControlNet ({source, hash}): `export.controlnet` added to the model, or the
     model folder's own; None without one."""
-    from components.core.paths import local_path
+    from components.core.paths import is_hub_id, local_path
     from components.model import controlnet
 
     if cfg.controlnet is None:
@@ -122,6 +122,9 @@ def controlnet_source(cfg: ExportConfig, model, source: str, root: Path) -> dict
     if model.controlnets:
         raise BlipDiffError(f"export.controlnet: {source} already has a ControlNet; an export holds one")
     local = local_path(cfg.controlnet, root)
+    if not local.exists() and not is_hub_id(cfg.controlnet, root):
+        raise BlipDiffError(f"export.controlnet: {local} not found (run `dvc repro controlnet`, name a ControlNet "
+                            "folder or hub id, or null to export without one)")
     controlnet.attach(model, [str(local) if local.exists() else cfg.controlnet], source)
     folder = controlnet.controlnet_folder(local) if local.exists() else None
     return {"source": cfg.controlnet, "hash": folder_hash(folder) if folder else cfg.controlnet}

@@ -43,7 +43,7 @@ from components.core.paths import (BLIP_DIFFUSION_DIR, PAIRS_MANIFEST, SAMPLES_G
 from components.data.backgrounds import BACKGROUND_PHRASES, scene
 from components.data.images import save_png
 from components.data.manifests import PAIRS_SCHEMA, read_manifest
-from components.evaluation.grid import image_grid
+from components.evaluation.grid import grid_tile, image_grid
 from components.evaluation.subject_classifier import SubjectClassifier, subject_classes, subject_rows
 from components.model import layout
 from components.model.presets import start_model
@@ -291,9 +291,6 @@ def sample_grid(model, root: Path, train: PairDataset, held_out: PairDataset | N
     return image_grid(cells, list(train.subjects), list(GRID_COLUMNS), tile=grid_tile(size))
 
 
-def grid_tile(size: int) -> int:
-    """The grid's cell size for images of `size` px: 3x up to 64 px (32 -> 96), else at most 256."""
-    return 3 * size if size <= 64 else min(size, 256)
 
 
 def _samples(model, data: PairDataset) -> dict[str, np.ndarray]:

@@ -23,12 +23,18 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from components.core.config import BaseConfig
+from components.core.errors import BlipDiffError
+from components.core.paths import SUBJECTS_MANIFEST
+from components.data.backgrounds import with_scene
+from components.data.images import read_rgb
+from components.data.manifests import SUBJECTS_SCHEMA, read_manifest
 from components.model.conditioning import encode_text, prompt_ids
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,32 @@ class BaseData:
         pixels = torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)
         index = {s: i for i, s in enumerate(subjects)}
         return cls(pixels, list(captions), np.array([index[s] for s in subject_ids]), list(subjects))
+
+
+def read_data(root: Path) -> tuple[BaseData, BaseData]:
+    """The ingested train split and held-out views: images, captions, subjects (the tiny
+    base's and ControlNet's training data)."""
+    frame = read_manifest(root / SUBJECTS_MANIFEST, SUBJECTS_SCHEMA)
+    if frame.empty:
+        raise BlipDiffError(f"{SUBJECTS_MANIFEST}: no subjects (run `dvc repro ingest`)")
+    if frame["caption"].isna().any():
+        missing = sorted(frame.loc[frame["caption"].isna(), "subject_id"].unique())
+        raise BlipDiffError(f"{SUBJECTS_MANIFEST}: the tiny base's prior needs a caption for every image; "
+                            f"none for {', '.join(missing[:5])}")
+    subjects = sorted(frame["subject_id"].unique())
+    sizes = {(int(w), int(h)) for w, h in zip(frame["width"], frame["height"])}
+    if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
+        raise BlipDiffError(f"{SUBJECTS_MANIFEST}: the tiny base trains on square images of one size, got {sorted(sizes)[:4]}")
+
+    def part(rows) -> BaseData:
+        captions = [with_scene(c, s) for c, s in zip(rows["caption"], rows["scene"])]
+        return BaseData.from_arrays([read_rgb(root / p) for p in rows["image_path"]], captions,
+                                    list(rows["subject_id"]), subjects)
+
+    train, held = frame[frame["split"] == "train"], frame[frame["split"] == "test"]
+    if held.empty:
+        raise BlipDiffError("base: no held-out views to measure on (set ingest.test_views_per_subject >= 1)")
+    return part(train), part(held)
 
 
 def _generator(seed: int, part: int, step: int) -> torch.Generator:
@@ -109,7 +141,7 @@ def _fit(parameters: list, steps: int, lr: float, warmup: int, loss_fn, name: st
         schedule.step()
         losses.append(float(loss.detach()))
         if (step + 1) % max(1, steps // 5) == 0:
-            log.info("base %s: step %d/%d, loss %.4f", name, step + 1, steps, np.mean(losses[-20:]))
+            log.info("training %s: step %d/%d, loss %.4f", name, step + 1, steps, np.mean(losses[-20:]))
     seconds = time.perf_counter() - start
     tail = losses[-max(1, steps // 20):] if losses else [float("nan")]
     return {f"{name}_loss_first": losses[0] if losses else float("nan"), f"{name}_loss_last": float(np.mean(tail)),

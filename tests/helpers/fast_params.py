@@ -5,3 +5,6 @@ plumbing (dvc repro in a checkout, Prefect runs, MLflow pages), not for what it 
 # profile's base is tested by the `default_run` fixture's tests)
 FAST_BASE = {"resolution": 16, "batch_size": 4, "autoencoder": {"steps": 2}, "image_encoder": {"steps": 2},
              "prior": {"steps": 2, "warmup_steps": 1}, "check": {"images_per_subject": 1, "steps": 2}}
+
+# the controlnet stage: two steps, a two-step check
+FAST_CONTROLNET = {"steps": 2, "batch_size": 4, "warmup_steps": 1, "check": {"steps": 2}}
