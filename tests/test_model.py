@@ -103,6 +103,24 @@ def test_batched_generation_equals_one_by_one(tiny, subject_image, scheduler):
     assert np.abs(batch[0] - batch[2]).max() > 1e-2  # another seed, another image
 
 
+def test_ddim_from_the_pndm_config_does_not_clip_latents(tiny):
+    """The released scheduler config is PNDM's and has no clip_sample; DDIM's own default
+    (True) would clip every step's predicted x0 to [-1, 1]. The references' DDIM does not."""
+    assert "clip_sample" not in tiny.scheduler.config
+    ddim = tiny.make_scheduler("ddim")
+    assert ddim.config.clip_sample is False
+    ddim.set_timesteps(10)
+    t = ddim.timesteps[0]
+    sample, noise = torch.full((1, 4, 4, 4), 3.0), torch.zeros(1, 4, 4, 4)  # x0 = 3 / sqrt(alpha_bar) > 1
+    from diffusers import DDIMScheduler
+
+    clipping = DDIMScheduler.from_config(tiny.scheduler.config)
+    clipping.set_timesteps(10)
+    assert clipping.config.clip_sample is True
+    kept = ddim.step(noise, t, sample).pred_original_sample
+    assert kept.min() > 1.0 and clipping.step(noise, t, sample).pred_original_sample.max() <= 1.0
+
+
 def test_generate_rejects_bad_input(tiny):
     embeds = torch.zeros(1, 16, 32)
     with pytest.raises(BlipDiffError, match="multiples of 8"):

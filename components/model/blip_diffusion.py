@@ -242,6 +242,10 @@ class BlipDiffusion:
         if name not in classes:
             raise BlipDiffError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
         extra = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
+        if name == "ddim" and "clip_sample" not in self.scheduler.config:
+            # A PNDM config has no clip_sample, and DDIM's default (True) would clip the
+            # predicted x0 to [-1, 1], which latents are not (the references' DDIM: False).
+            extra["clip_sample"] = False
         # A fresh scheduler per call: multistep schedulers keep state between steps.
         return classes[name].from_config(self.scheduler.config, **extra)
 

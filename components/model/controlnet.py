@@ -54,7 +54,9 @@ def _folder_of(spec: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "controlnet/*"]))
+        # a ControlNetModel repository's files, or a checkpoint's controlnet/ folder (not its UNet, VAE...)
+        return Path(snapshot_download(spec, allow_patterns=["config.json", "diffusion_pytorch_model*.safetensors",
+                                                            "diffusion_pytorch_model*.json", "controlnet/*"]))
     except Exception as exc:  # offline, unknown id, ...
         raise BlipDiffError(f"--controlnet {spec}: not a local folder and not downloadable "
                             f"({type(exc).__name__})") from None
