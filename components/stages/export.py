@@ -120,7 +120,8 @@ def controlnet_source(cfg: ExportConfig, model, source: str, root: Path) -> dict
     if cfg.controlnet is None:
         return {"source": f"{source}/controlnet", "hash": None} if model.controlnets else None
     if model.controlnets:
-        raise BlipDiffError(f"export.controlnet: {source} already has a ControlNet; an export holds one")
+        raise BlipDiffError(f"export.controlnet: {source} already has a ControlNet (its controlnet/ folder) and an "
+                            "export holds one: set export.controlnet: null to export the model's own")
     local = local_path(cfg.controlnet, root)
     if not local.exists() and not is_hub_id(cfg.controlnet, root):
         raise BlipDiffError(f"export.controlnet: {local} not found (run `dvc repro controlnet`, name a ControlNet "
