@@ -103,7 +103,7 @@ def test_deployment_runs_end_to_end(checkout, tmp_path):
         assert name in experiments, experiments
         metrics = dvc_ops.metrics(work, ["train_subject", "evaluate", "export"], rev=name)
         assert metrics["train_subject"]["loss_first"] > 0
-        assert "zero_shot_dino" in metrics["evaluate"] and metrics["export"]["graphs"] == 4
+        assert "zero_shot_dino" in metrics["evaluate"] and metrics["export"]["graphs"] == 6  # the four and the ControlNet's pair
 
         # MLflow: one parent run per flow run; the experiment's has a nested run per stage
         client = mlflow.MlflowClient(ml.url)

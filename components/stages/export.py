@@ -1,4 +1,4 @@
-"""Stage `export`: the model as four ONNX graphs, checked against PyTorch with ONNX Runtime;
+"""Stage `export`: the model as four ONNX graphs (six with a ControlNet), checked against PyTorch with ONNX Runtime;
 TensorRT engines where a GPU and TensorRT are there.
 
 Reads `export.model` (default `models/blip_diffusion`, train_subject's output; a hub id, or
