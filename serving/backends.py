@@ -116,9 +116,27 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
 
 
+# What onnxruntime-gpu 1.31's CUDA provider loads (CUDA 13, cuDNN 9): named when it cannot run.
+CUDA_LIBRARIES = ("libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcufft.so.12", "libcurand.so.10",
+                  "libcudnn.so.9")
+
+
+def missing_cuda_libraries(names: tuple[str, ...] = CUDA_LIBRARIES) -> list[str]:
+    """The CUDA provider's libraries that the dynamic loader cannot find here."""
+    import ctypes
+
+    missing = []
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            missing.append(name)
+    return missing
+
+
 def default_providers() -> list[str]:
-    """CUDA first when torch sees a GPU (ONNX Runtime falls back to the CPU on its own when the
-    CUDA provider cannot load), else the CPU alone."""
+    """CUDA first when torch sees a GPU, else the CPU alone. (ONNX Runtime would fall back to
+    the CPU in silence when the CUDA provider cannot load: `OrtNetworks` stops instead.)"""
     if torch.cuda.is_available():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
@@ -129,8 +147,10 @@ class OrtNetworks(_ExportedNetworks):
     CPU torch tensors (fp32 graphs, or fp16 graphs that keep fp32 inputs and outputs).
 
     `precision`: "fp32", "fp16", or "auto" (fp16 when the CUDA provider runs and the export
-    has fp16 graphs). `provider` is the execution provider that actually runs (ONNX Runtime
-    falls back to the CPU when CUDA's cannot load)."""
+    has fp16 graphs), decided from the providers a session actually runs on. onnxruntime-gpu
+    lists CUDA even where CUDA or cuDNN cannot load and then builds a CPU session, saying so
+    only in its log: when CUDA was asked for (or defaulted to) and is not what runs, this
+    stops with one line naming the libraries that are missing. `provider` is what runs."""
 
     def __init__(self, export_dir: Path, providers: list[str] | None = None, precision: str = "auto"):
         import onnxruntime as ort
@@ -148,13 +168,14 @@ class OrtNetworks(_ExportedNetworks):
         if precision not in ("auto", "fp32", "fp16"):
             raise BlipDiffError(f"ONNX Runtime precision {precision!r}: choose auto, fp32 or fp16")
         has_fp16 = all((self.export_dir / f"{g}.fp16.onnx").is_file() for g in self.graphs)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the CPU fallback is checked below, not left to a log line
+        active = self._active_providers(ort, options, requested)
         if precision == "auto":
-            precision = "fp16" if requested[0] == "CUDAExecutionProvider" and has_fp16 else "fp32"
+            precision = "fp16" if active[0] == "CUDAExecutionProvider" and has_fp16 else "fp32"
         if precision == "fp16" and not has_fp16:
             raise BlipDiffError(f"{self.export_dir}: no fp16 graphs (<graph>.fp16.onnx); export with export.fp16: true")
         self.precision = precision
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # onnxruntime-gpu without CUDA libraries: no warning per session
         self.sessions = {}
         for graph in self.graphs:
             path = self.export_dir / (f"{graph}.fp16.onnx" if precision == "fp16" else f"{graph}.onnx")
@@ -168,6 +189,26 @@ class OrtNetworks(_ExportedNetworks):
         self._types = {g: {i.name: _ORT_TYPES.get(i.type, np.float32) for i in s.get_inputs()}
                        for g, s in self.sessions.items()}
         log.info("ONNX Runtime %s: %s graphs of %s on %s", ort.__version__, precision, self.export_dir, self.provider)
+
+    def _active_providers(self, ort, options, requested: list[str]) -> list[str]:
+        """The providers a session of this export really runs on (a probe of its smallest fp32
+        graph); CUDA asked for but not running is an error naming what is missing."""
+        probe_path = min((self.export_dir / f"{g}.onnx" for g in self.graphs if (self.export_dir / f"{g}.onnx").is_file()),
+                         key=lambda p: p.stat().st_size, default=None)
+        if probe_path is None:
+            raise BlipDiffError(f"{self.export_dir}: no graphs (<graph>.onnx); export again")
+        try:
+            active = list(ort.InferenceSession(str(probe_path), options, providers=requested).get_providers())
+        except Exception as exc:
+            raise BlipDiffError(f"ONNX Runtime could not load {probe_path}: {str(exc).splitlines()[0][:300]}") from None
+        if "CUDAExecutionProvider" in requested and "CUDAExecutionProvider" not in active:
+            missing = missing_cuda_libraries()
+            why = (f"it cannot load {', '.join(missing)}" if missing else
+                   "its CUDA libraries load, so see ONNX Runtime's log (driver, GPU visibility)")
+            raise BlipDiffError(f"ONNX Runtime {ort.__version__} was asked for CUDAExecutionProvider but would run on "
+                                f"{active[0]}: {why}; install the GPU stack (docs/serving.md#dependencies) or pass "
+                                "--providers CPUExecutionProvider")
+        return active
 
     def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         """The graph's output; all of them, in order, for the controlnet graph."""

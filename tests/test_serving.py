@@ -441,3 +441,28 @@ def test_resume_after_sigkill_gives_the_bytes_of_an_uninterrupted_run(model_dir,
     reference = _png_bytes(tmp_path / "full")
     assert len(reference) == 8 and _png_bytes(out) == reference
     assert len(pd.read_parquet(out / "records.parquet")) == 8
+
+
+def test_onnxruntime_cuda_that_falls_back_to_the_cpu_is_an_error(export_dir, monkeypatch):
+    """onnxruntime-gpu lists CUDAExecutionProvider even where CUDA cannot load, then builds a
+    CPU session and says so only in its log: asked for CUDA, the backend stops with one line
+    naming the missing libraries, and never picks the fp16 graphs for a CPU session."""
+    import onnxruntime as ort
+
+    real = ort.InferenceSession
+
+    class FallsBack(real):
+        def __init__(self, path, options=None, providers=None, **kw):
+            super().__init__(path, options, providers=[p for p in providers if p != "CUDAExecutionProvider"], **kw)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", FallsBack)
+    monkeypatch.setattr(backends, "missing_cuda_libraries", lambda: ["libcudnn.so.9"])
+    with pytest.raises(BlipDiffError, match=r"asked for CUDAExecutionProvider but would run on CPUExecutionProvider: "
+                                            r"it cannot load libcudnn.so.9"):
+        backends.OrtNetworks(export_dir, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    # the CPU asked for: runs, in fp32
+    nets = backends.OrtNetworks(export_dir, ["CPUExecutionProvider"])
+    assert nets.provider == "CPUExecutionProvider" and nets.precision == "fp32"
+    monkeypatch.undo()
+    assert set(backends.missing_cuda_libraries(("libc.so.6", "libnot-a-library.so.1"))) == {"libnot-a-library.so.1"}

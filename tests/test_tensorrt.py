@@ -518,11 +518,13 @@ def test_gpu_builds_runs_and_reuses_a_unet_engine(tmp_path):
 @pytest.mark.gpu(tensorrt=True)
 def test_gpu_builds_the_exported_unet(tmp_path):
     """The export stage's own UNet (tiny or real) at small latents, when it has run here."""
-    export = REPO / "models" / "export"
+    from components.core.paths import EXPORT_DIR
+
+    export = REPO / EXPORT_DIR  # where the export stage writes (models/onnx)
     if not (export / "unet.fp16.onnx").is_file():
         pytest.skip(f"no exported UNet at {export} (run the export stage)")
     meta = json.loads((export / "export.json").read_text()) if (export / "export.json").is_file() else {}
-    factor = int(meta.get("latent_factor", 8))
+    factor = trtx.ModelDims.from_export(meta).latent_factor
     small = trtx.Profile("gputest", image=(16 * factor,) * 3, batch={"unet": (2, 2, 2)})
     [built] = trtx.build_engines(export, tmp_path / "engines", profile=small, workspace_gb=4, graphs=("unet",))
     assert built["built"] and trtx.load_engine(Path(built["path"])) is not None
