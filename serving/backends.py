@@ -28,7 +28,7 @@ import torch
 from components.core.errors import BlipDiffError
 from components.core.paths import ENGINES_DIR, EXPORT_FILE
 from components.export import tensorrt as trtx
-from components.export.graphs import CONTROL_GRAPHS, GRAPHS, SPECS, get_spec
+from components.export.graphs import CONTROL_GRAPHS, GRAPHS, SPECS, export_graphs, get_spec
 from components.model.blip_diffusion import TorchNetworks
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,6 @@ def read_export(export_dir: Path) -> dict:
     if missing:
         raise BlipDiffError(f"{path}: missing {', '.join(missing)} (an export from an older version? export again)")
     return meta
-
-
-def export_graphs(meta: dict) -> tuple[str, ...]:
-    """The graphs an export has: the four, and the ControlNet pair when it was exported with one."""
-    listed = set(meta.get("graphs") or GRAPHS)
-    return GRAPHS + (CONTROL_GRAPHS if set(CONTROL_GRAPHS) <= listed else ())
 
 
 class _ExportedNetworks:

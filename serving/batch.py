@@ -51,7 +51,7 @@ import numpy as np
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path
 from components.model.blip_diffusion import SCHEDULERS, BlipDiffusion
-from components.model.controlnet import CANNY_HIGH, CANNY_LOW, CONTROL_TYPES, NEEDS_WEIGHTS
+from components.model.controlnet import CANNY_HIGH, CANNY_LOW, check_control_type
 
 log = logging.getLogger(__name__)
 
@@ -246,11 +246,10 @@ def check_control(row: dict, base: Path, defaults: ControlDefaults,
     `hashes` caches the files' content hashes by path."""
     image = row.get("control_image")
     kind = defaults.control_type if row.get("control_type") is None else str(row["control_type"]).strip()
-    if kind in NEEDS_WEIGHTS:
-        raise ValueError(f"control_type {kind} needs {NEEDS_WEIGHTS[kind]}, which cannot be loaded offline: make "
-                         "the map elsewhere and give it with control_type none")
-    if kind not in CONTROL_TYPES:
-        raise ValueError(f"unknown control_type {kind!r}; choose one of {', '.join(CONTROL_TYPES)}")
+    try:
+        check_control_type(kind, "control_type")
+    except BlipDiffError as exc:  # a bad row, not a stop
+        raise ValueError(str(exc)) from None
     scale = (defaults.controlnet_scale if row.get("controlnet_scale") is None
              else _float(row["controlnet_scale"], "controlnet_scale"))
     if image is None:

@@ -33,12 +33,13 @@ from serving.backends import BACKENDS, OrtNetworks, TorchNetworks, TrtNetworks, 
 log = logging.getLogger(__name__)
 
 
-def _exported_model_folder(export_dir: Path, source: str) -> Path | None:
-    """The local model folder export.json's `model.source` names (relative to the working
-    directory or to a folder above the export, as the stage records it), if there is one."""
+def _exported_folder(export_dir: Path, source: str, marker: str = "") -> Path | None:
+    """The local folder a source in export.json names (relative to the working directory or to
+    a folder above the export, as the stage records it) holding `marker` (any folder without
+    one), if there is one."""
     path = Path(source).expanduser()
     candidates = [path] if path.is_absolute() else [Path.cwd() / path, *(p / path for p in export_dir.resolve().parents)]
-    return next((c for c in candidates if (c / "model_index.json").is_file()), None)
+    return next((c for c in candidates if ((c / marker).is_file() if marker else c.is_dir())), None)
 
 
 def _torch_model_of_export(export_dir: Path, meta: dict) -> BlipDiffusion:
@@ -49,9 +50,7 @@ def _torch_model_of_export(export_dir: Path, meta: dict) -> BlipDiffusion:
         from components.model import controlnet
 
         spec = str(control["source"])
-        path = Path(spec).expanduser()
-        candidates = [path] if path.is_absolute() else [Path.cwd() / path, *(p / path for p in export_dir.resolve().parents)]
-        found = next((c for c in candidates if c.is_dir()), None)
+        found = _exported_folder(export_dir, spec)  # a ControlNet folder or a checkpoint holding one; else a hub id
         controlnet.attach(model, [str(found) if found else spec], str(meta["model"]["source"]))
     return model
 
@@ -62,7 +61,7 @@ def _torch_base_of_export(export_dir: Path, meta: dict) -> BlipDiffusion:
     source = str((meta.get("model") or {}).get("source", ""))
     if source.startswith("preset "):
         return presets.from_preset(source.split(" ", 1)[1])
-    folder = _exported_model_folder(export_dir, source)
+    folder = _exported_folder(export_dir, source, "model_index.json")
     if folder is not None:
         return layout.load(folder)
     if sources.is_hub_id(source):

@@ -18,10 +18,9 @@ from components.model import layout
 from components.model.presets import start_model
 from components.stages import base, ingest
 from components.training import base_model
-from tests.helpers.fast_params import FAST_BASE
+from tests.helpers.fast_params import FAST_BASE, SMALL_INGEST
 
-SMALL = {"test_views_per_subject": 1, "synthetic": {"num_subjects": 3, "min_views": 3, "max_views": 3,
-                                                   "image_size": 48}}
+SMALL = SMALL_INGEST
 
 
 @pytest.fixture(scope="module")

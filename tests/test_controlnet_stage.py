@@ -19,10 +19,9 @@ from components.model import controlnet, layout
 from components.model.tiny.blip_diffusion import build_tiny
 from components.stages import controlnet as stage
 from components.stages import ingest
-from tests.helpers.fast_params import FAST_CONTROLNET
+from tests.helpers.fast_params import FAST_CONTROLNET, SMALL_INGEST
 
-SMALL = {"test_views_per_subject": 1, "synthetic": {"num_subjects": 3, "min_views": 3, "max_views": 3,
-                                                   "image_size": 48}}
+SMALL = SMALL_INGEST
 
 
 @pytest.fixture(scope="module")

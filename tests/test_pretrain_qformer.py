@@ -19,9 +19,10 @@ from components.stages import ingest, pretrain_qformer, train_subject
 from components.training import qformer_objectives
 from components.training.data import CLASS_TEMPLATES, row_captions
 from components.training.faults import STOP_AFTER_ENV
+from tests.helpers.fast_params import SMALL_INGEST
 
 GOLDEN_STAGE1 = Path(__file__).parent / "fixtures" / "golden_stage1"
-SMALL = {"test_views_per_subject": 1, "synthetic": {"num_subjects": 3, "min_views": 3, "max_views": 3, "image_size": 48}}
+SMALL = SMALL_INGEST
 
 
 def _params(ingest_cfg=SMALL, **stage) -> Params:

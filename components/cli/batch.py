@@ -75,11 +75,8 @@ def _control_defaults(args):
     from components.model import controlnet
     from serving.batch import ControlDefaults
 
-    if args.control_type in controlnet.NEEDS_WEIGHTS or args.control_type not in controlnet.CONTROL_TYPES:
-        controlnet.condition_map(None, args.control_type)  # the one-line error
-    if not 0 <= args.canny_low <= args.canny_high:
-        raise BlipDiffError(f"--canny-low/--canny-high must satisfy 0 <= low <= high, got {args.canny_low}/"
-                            f"{args.canny_high}")
+    controlnet.check_control_type(args.control_type)
+    controlnet.check_canny_thresholds(args.canny_low, args.canny_high, "--canny-low/--canny-high")
     if not math.isfinite(args.controlnet_scale):
         raise BlipDiffError(f"--controlnet-scale must be a finite number, got {args.controlnet_scale}")
     return ControlDefaults(control_type=args.control_type, canny_low=args.canny_low, canny_high=args.canny_high,

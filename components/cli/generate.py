@@ -140,11 +140,8 @@ def _checkpoint_controlnets(args) -> int | None:
 
 def _validate_control(args, prompts: int) -> None:
     """Everything about the control flags that can be judged before a model is loaded."""
-    if args.control_type in controlnet.NEEDS_WEIGHTS or args.control_type not in controlnet.CONTROL_TYPES:
-        controlnet.condition_map(None, args.control_type)  # the one-line error
-    if not 0 <= args.canny_low <= args.canny_high:
-        raise BlipDiffError(f"--canny-low/--canny-high must satisfy 0 <= low <= high, got {args.canny_low}/"
-                            f"{args.canny_high}")
+    controlnet.check_control_type(args.control_type)
+    controlnet.check_canny_thresholds(args.canny_low, args.canny_high, "--canny-low/--canny-high")
     if not 0.0 <= args.control_start < args.control_end <= 1.0:
         raise BlipDiffError(f"--control-start {args.control_start} / --control-end {args.control_end}: need "
                             "0 <= start < end <= 1")
@@ -207,17 +204,16 @@ def _subject(args, model, refs) -> tuple:
     return embeds, source
 
 
-def _control(args, model, prompts: list[str], height: int, width: int) -> tuple[controlnet.Control | None, list]:
+def _control(args, model, photos: list, height: int, width: int) -> tuple[controlnet.Control | None, list]:
     """The `Control` of this run (condition images per ControlNet, at the output size, one per
-    image) and the condition maps as the ControlNets see them before the resize."""
-    if not args.control_image:
+    image) and the condition maps, made from the control images as read (`photos`), as the
+    ControlNets see them before the resize."""
+    if not photos:
         return None, []
     nets = len(model.controlnets)
     _control_counts(nets, len(args.control_image), len(args.controlnet_scale), len(args.prompt))
     maps = [controlnet.condition_map(im, args.control_type, args.canny_low, args.canny_high,
-                                     controlnet.canny_side(height, width))
-            for im in read_subject_images(args.control_image, max_side=4096, max_pixels=args.max_image_pixels,
-                                          what="control image")]
+                                     controlnet.canny_side(height, width)) for im in photos]
     pixels = controlnet.control_pixels(maps, height, width)
     if nets == 1:  # one image for all, or one per --prompt, repeated for its images
         images = [pixels if len(maps) == 1 else pixels.repeat_interleave(args.images_per_prompt, dim=0)]
@@ -231,9 +227,9 @@ def run(args) -> list[dict]:
     _validate(args)
     # the user's images first: a bad one stops the run before any model is built
     refs = read_subject_images(args.subject_image, max_pixels=args.max_image_pixels) if args.subject_image else []
-    if args.control_image:  # unreadable or oversized: stop before loading anything
-        read_subject_images(args.control_image, max_side=4096, max_pixels=args.max_image_pixels,
-                            what="control image")
+    # the control images too (unreadable or oversized: stop before loading anything)
+    photos = read_subject_images(args.control_image, max_side=4096, max_pixels=args.max_image_pixels,
+                                 what="control image") if args.control_image else []
     device, dtype = placement(args.device, args.dtype)
     base = _base(args)
     start = time.perf_counter()
@@ -251,7 +247,7 @@ def run(args) -> list[dict]:
     height, width = args.height or model.native_size, args.width or model.native_size
     prompts = [p.strip() for p in args.prompt for _ in range(args.images_per_prompt)]
     seeds = args.seeds or [args.seed + i for i in range(len(prompts))]
-    control, maps = _control(args, model, prompts, height, width)
+    control, maps = _control(args, model, photos, height, width)
     records = []
     with atomic_path(args.out) as tmp:
         (tmp / "images").mkdir(parents=True)

@@ -446,6 +446,13 @@ def graphs_of(model: BlipDiffusion) -> tuple[str, ...]:
     return GRAPHS + (CONTROL_GRAPHS if model.controlnets else ())
 
 
+def export_graphs(meta: dict) -> tuple[str, ...]:
+    """The graphs an export has (its export.json `graphs`): the four, and the ControlNet pair
+    when it was exported with one."""
+    listed = set(meta.get("graphs") or GRAPHS)
+    return GRAPHS + (CONTROL_GRAPHS if set(CONTROL_GRAPHS) <= listed else ())
+
+
 def get_spec(name: str, residuals: tuple[tuple[int, int], ...] = ()) -> GraphSpec:
     """A graph's spec; the ControlNet graphs' for a residual layout (`Dims.residuals`)."""
     if name in SPECS:

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path, file_sha256, write_json
 from components.core.paths import EXPORT_FILE
-from components.export.graphs import CONTROL_GRAPHS, GRAPHS, SPECS, get_spec
+from components.export.graphs import CONTROL_GRAPHS, GRAPHS, SPECS, export_graphs, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -377,8 +377,7 @@ def build_engines(export_dir: Path, out_dir: Path, profile: str | Profile = "sta
     if dims is None:
         dims = ModelDims.from_export(meta)
     if graphs is None:
-        listed = set((meta or {}).get("graphs") or GRAPHS)
-        graphs = GRAPHS + (CONTROL_GRAPHS if set(CONTROL_GRAPHS) <= listed else ())
+        graphs = export_graphs(meta or {})
     trt = _import_trt()
     info = device_info()
     logger, version, cc = trt.Logger(trt.Logger.WARNING), str(trt.__version__), sm_tag(info["compute_capability"])

@@ -122,6 +122,22 @@ def attach(model, specs: Sequence[str | Path], model_name: str) -> None:
 
 
 # -------------------------------------------------------------------- condition images
+def check_control_type(control_type: str, name: str = "--control-type") -> None:
+    """One line when `control_type` cannot make a condition map here; `name` is the setting
+    as the user wrote it (a flag, or a manifest column)."""
+    if control_type in NEEDS_WEIGHTS:
+        raise BlipDiffError(f"{name} {control_type} needs {NEEDS_WEIGHTS[control_type]}, which cannot be loaded "
+                            f"offline: make the map elsewhere and pass it with {name} none")
+    if control_type not in CONTROL_TYPES:
+        raise BlipDiffError(f"unknown {name.lstrip('-').replace('-', ' ')} {control_type!r}; choose one of "
+                            f"{', '.join(CONTROL_TYPES)}")
+
+
+def check_canny_thresholds(low: int, high: int, name: str = "canny thresholds") -> None:
+    if not 0 <= low <= high:
+        raise BlipDiffError(f"{name} must satisfy 0 <= low <= high, got {low}/{high}")
+
+
 def canny_side(height: int, width: int) -> int:
     """The short side the edge map is made at for an output of height x width: the output's
     short side rounded to a multiple of 64 (at least 64), so 512 for the released model's 512 px
@@ -137,8 +153,7 @@ def canny(image: np.ndarray, low: int = CANNY_LOW, high: int = CANNY_HIGH,
     `cv2.Canny` on the 3-channel image; white edges on black, 3 channels (HxWx3 uint8)."""
     import cv2
 
-    if not 0 <= low <= high:
-        raise BlipDiffError(f"canny thresholds must satisfy 0 <= low <= high, got {low}/{high}")
+    check_canny_thresholds(low, high)
     h, w = image.shape[:2]
     scale = short_side / min(h, w)
     size = (max(CANNY_MULTIPLE, int(np.round(w * scale / CANNY_MULTIPLE)) * CANNY_MULTIPLE),
@@ -152,11 +167,7 @@ def condition_map(image: np.ndarray, control_type: str, low: int = CANNY_LOW, hi
                   short_side: int = CANNY_SHORT_SIDE) -> np.ndarray:
     """What the ControlNet is given for a user's image: its canny edges, or (`none`) the image
     itself, already a condition map (a depth or HED map made elsewhere)."""
-    if control_type in NEEDS_WEIGHTS:
-        raise BlipDiffError(f"--control-type {control_type} needs {NEEDS_WEIGHTS[control_type]}, which cannot be "
-                            "loaded offline: make the map elsewhere and pass it with --control-type none")
-    if control_type not in CONTROL_TYPES:
-        raise BlipDiffError(f"unknown control type {control_type!r}; choose one of {', '.join(CONTROL_TYPES)}")
+    check_control_type(control_type)
     return canny(image, low, high, short_side) if control_type == "canny" else np.asarray(image)
 
 

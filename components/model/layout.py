@@ -62,7 +62,7 @@ def save(model: BlipDiffusion, path: str | Path) -> None:
         model.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         model.vae.save_pretrained(tmp / "vae", safe_serialization=True)
         for sub in ("unet", "vae"):  # diffusers records where a model was loaded from: not portable
-            _drop_load_path(tmp / sub / "config.json")
+            drop_load_path(tmp / sub / "config.json")
         model.scheduler.save_pretrained(tmp / "scheduler")
         (tmp / "image_processor").mkdir()
         (tmp / "image_processor" / "preprocessor_config.json").write_text(
@@ -73,13 +73,13 @@ def save(model: BlipDiffusion, path: str | Path) -> None:
             raise BlipDiffError(f"{path}: the layout holds one ControlNet, the model has {len(model.controlnets)}")
         if model.controlnets:
             model.controlnets[0].save_pretrained(tmp / CONTROLNET, safe_serialization=True)
-            _drop_load_path(tmp / CONTROLNET / "config.json")
+            drop_load_path(tmp / CONTROLNET / "config.json")
             index = dict(sorted({**index, "_class_name": CONTROLNET_PIPELINE,
                                  CONTROLNET: ["diffusers", "ControlNetModel"]}.items()))
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _drop_load_path(config: Path) -> None:
+def drop_load_path(config: Path) -> None:
     """Remove `_name_or_path` (the absolute folder a diffusers model was loaded from) from a
     saved config, so a folder saved from a loaded model is the same bytes on every machine."""
     values = json.loads(config.read_text())

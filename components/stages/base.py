@@ -121,7 +121,7 @@ def prior_check(model, root: Path, cfg: BaseConfig) -> tuple[dict, np.ndarray]:
 def _strip(held: BaseData, recon: torch.Tensor, count: int = 8) -> np.ndarray:
     """Originals over reconstructions, `count` held-out views, for MLflow."""
     def row(x: torch.Tensor) -> np.ndarray:
-        x = ((x[:count] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        x = base_model.uint8_images(x[:count])
         return np.concatenate(list(x), axis=1)
 
     return np.concatenate([row(base_model.resize(held.pixels, recon.shape[-1])), row(recon)], axis=0)

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -22,12 +21,11 @@ import numpy as np
 import torch
 
 from components.core.config import ControlNetConfig, Params
-from components.core.errors import BlipDiffError
 from components.core.io import atomic_path
 from components.core.paths import CONTROLNET_DIR, CONTROLNET_GRID, SUBJECTS_MANIFEST
 from components.data.images import save_png
 from components.model import controlnet as control
-from components.model import presets
+from components.model import layout, presets
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +79,8 @@ def control_check(model, held, cfg: ControlNetConfig, size: int) -> tuple[dict, 
 
     from components.evaluation.grid import grid_tile, image_grid
     from components.training.base_model import resize
-    from components.training.controlnet_model import condition_images, uint8_images
+    from components.training.base_model import uint8_images
+    from components.training.controlnet_model import condition_images
 
     conditions, maps = condition_images(held, size, cfg.canny_low, cfg.canny_high)
     seeds = [cfg.seed * 100_000 + i for i in range(len(held))]
@@ -107,9 +106,4 @@ def save(net, root: Path) -> None:
     """The ControlNet as a diffusers folder, without the load path diffusers records."""
     with atomic_path(root / CONTROLNET_DIR) as tmp:
         net.save_pretrained(tmp, safe_serialization=True)
-        config = tmp / "config.json"
-        values = json.loads(config.read_text())
-        if values.pop("_name_or_path", None) is not None:
-            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
-    if not (root / CONTROLNET_DIR / "config.json").is_file():
-        raise BlipDiffError(f"{CONTROLNET_DIR}: the ControlNet was not written")
+        layout.drop_load_path(tmp / "config.json")

@@ -88,6 +88,11 @@ def read_data(root: Path) -> tuple[BaseData, BaseData]:
     return part(train), part(held)
 
 
+def uint8_images(pixels: torch.Tensor) -> np.ndarray:
+    """(N, 3, S, S) in [-1, 1] -> (N, S, S, 3) uint8."""
+    return ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def _generator(seed: int, part: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, part, step]).generate_state(1)[0]))
 

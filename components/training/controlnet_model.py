@@ -20,14 +20,9 @@ from components.core.config import ControlNetConfig
 from components.model import controlnet as control
 from components.model.conditioning import encode_text, prompt_ids
 from components.model.tiny.controlnet import condition_channels
-from components.training.base_model import BaseData, _fit, _generator, _rows, resize
+from components.training.base_model import BaseData, _fit, _generator, _rows, resize, uint8_images
 
 PART_CONTROLNET = 5
-
-
-def uint8_images(pixels: torch.Tensor) -> np.ndarray:
-    """(N, 3, S, S) in [-1, 1] -> (N, S, S, 3) uint8."""
-    return ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def condition_images(data: BaseData, size: int, low: int, high: int) -> tuple[torch.Tensor, list[np.ndarray]]:

@@ -236,31 +236,15 @@ def run_reference(ckpt_dir: Path, ref_png: Path, control_png: Path, bert_vocab: 
 
     hooks = [pipe.controlnet.register_forward_hook(cn_hook, with_kwargs=True),
              pipe.unet.register_forward_hook(unet_hook, with_kwargs=True)]
-    orig_step = pipe.scheduler.step
-
-    def step_wrapper(model_output, timestep, sample, *a, **kw):
-        out = orig_step(model_output, timestep, sample, *a, **kw)
-        cap["step"].append((model_output.clone(), int(timestep), out["prev_sample"].clone()))
-        return out
-
-    pipe.scheduler.step = step_wrapper
-    orig_decode = pipe.vae.decode
-
-    def decode_wrapper(z, *a, **kw):
-        cap["decode"].append(z.clone())
-        return orig_decode(z, *a, **kw)
-
-    pipe.vae.decode = decode_wrapper
     scale_calls = []
     orig_scale = pipe.scheduler.scale_model_input
     pipe.scheduler.scale_model_input = lambda s, *a, **kw: (scale_calls.append(1), orig_scale(s, *a, **kw))[1]
 
-    image = _call(pipe, ref_image, control_image)
+    with mg.recorded_steps_and_decode(pipe, cap):
+        image = _call(pipe, ref_image, control_image)
 
     for h in hooks:
         h.remove()
-    pipe.scheduler.step = orig_step
-    pipe.vae.decode = orig_decode
     pipe.scheduler.scale_model_input = orig_scale
 
     assert isinstance(image, np.ndarray) and image.dtype == np.float32, (type(image), getattr(image, "dtype", None))

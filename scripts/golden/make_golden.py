@@ -44,6 +44,7 @@ in temporary directories and compares).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -368,6 +369,29 @@ def _sha256(t: torch.Tensor) -> str:
 
 
 @torch.no_grad()
+
+@contextlib.contextmanager
+def recorded_steps_and_decode(pipe, cap: dict):
+    """Inside the block, every scheduler step appends (model output, timestep, prev_sample) to
+    cap["step"] and every VAE decode its latents to cap["decode"]; restored on exit."""
+    orig_step, orig_decode = pipe.scheduler.step, pipe.vae.decode
+
+    def step_wrapper(model_output, timestep, sample, *a, **kw):
+        out = orig_step(model_output, timestep, sample, *a, **kw)
+        cap["step"].append((model_output.clone(), int(timestep), out["prev_sample"].clone()))
+        return out
+
+    def decode_wrapper(z, *a, **kw):
+        cap["decode"].append(z.clone())
+        return orig_decode(z, *a, **kw)
+
+    pipe.scheduler.step, pipe.vae.decode = step_wrapper, decode_wrapper
+    try:
+        yield
+    finally:
+        pipe.scheduler.step, pipe.vae.decode = orig_step, orig_decode
+
+
 def run_reference(ckpt_dir: Path, ref_png: Path, bert_vocab: Path, variant: str = "released"):
     if variant == "external":
         # qformer/config.json names the tokenizer folder relative to the checkpoint; the
@@ -403,42 +427,25 @@ def run_reference(ckpt_dir: Path, ref_png: Path, bert_vocab: Path, variant: str 
     hooks.append(pipe.unet.register_forward_hook(
         lambda m, args, kwargs, out: cap["unet"].append((args, kwargs, out["sample"].clone())), with_kwargs=True))
 
-    orig_step = pipe.scheduler.step
-
-    def step_wrapper(model_output, timestep, sample, *a, **kw):
-        out = orig_step(model_output, timestep, sample, *a, **kw)
-        cap["step"].append((model_output.clone(), int(timestep), out["prev_sample"].clone()))
-        return out
-
-    pipe.scheduler.step = step_wrapper
-    orig_decode = pipe.vae.decode
-
-    def decode_wrapper(z, *a, **kw):
-        cap["decode"].append(z.clone())
-        return orig_decode(z, *a, **kw)
-
-    pipe.vae.decode = decode_wrapper
-
-    generator = torch.Generator(device="cpu").manual_seed(p["generator_seed"])
-    out = pipe(
-        p["prompt"],
-        ref_image,
-        p["source_subject_category"],
-        p["target_subject_category"],
-        guidance_scale=p["guidance_scale"],
-        height=p["height"],
-        width=p["width"],
-        num_inference_steps=p["num_inference_steps"],
-        generator=generator,
-        neg_prompt=p["neg_prompt"],
-        prompt_strength=p["prompt_strength"],
-        prompt_reps=p["prompt_reps"],
-        output_type=p["output_type"],
-    )
+    with recorded_steps_and_decode(pipe, cap):
+        generator = torch.Generator(device="cpu").manual_seed(p["generator_seed"])
+        out = pipe(
+            p["prompt"],
+            ref_image,
+            p["source_subject_category"],
+            p["target_subject_category"],
+            guidance_scale=p["guidance_scale"],
+            height=p["height"],
+            width=p["width"],
+            num_inference_steps=p["num_inference_steps"],
+            generator=generator,
+            neg_prompt=p["neg_prompt"],
+            prompt_strength=p["prompt_strength"],
+            prompt_reps=p["prompt_reps"],
+            output_type=p["output_type"],
+        )
     for h in hooks:
         h.remove()
-    pipe.scheduler.step = orig_step
-    pipe.vae.decode = orig_decode
 
     image = out.images
     assert isinstance(image, np.ndarray), type(image)

@@ -8,3 +8,7 @@ FAST_BASE = {"resolution": 16, "batch_size": 4, "autoencoder": {"steps": 2}, "im
 
 # the controlnet stage: two steps, a two-step check
 FAST_CONTROLNET = {"steps": 2, "batch_size": 4, "warmup_steps": 1, "check": {"steps": 2}}
+
+# ingest: 3 synthetic subjects of 3 views at 48 px, one held out each (stage tests on a small root)
+SMALL_INGEST = {"test_views_per_subject": 1, "synthetic": {"num_subjects": 3, "min_views": 3, "max_views": 3,
+                                                          "image_size": 48}}
