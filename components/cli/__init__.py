@@ -1,4 +1,4 @@
-"""`blipdiff`: one subcommand per pipeline stage (what dvc.yaml runs), plus `generate`, `finetune`,
+"""`blipdiff`: one subcommand per pipeline stage (what dvc.yaml runs), plus `generate`, `edit`, `finetune`,
 `register`, `score` and `batch`.
 
 A user error prints one line `blipdiff <command>: error: ...` and exits with status 2.
@@ -21,6 +21,7 @@ from components.stages import RESUMABLE, STAGES
 
 TOOLS = {
     "generate": "zero-shot subject-driven generation (batched)",
+    "edit": "put the subject in place of an object in a generated scene or a photo (prompt-to-prompt)",
     "finetune": "fine-tune on one subject (full UNet or LoRA)",
     "register": "register a trained model folder in the MLflow registry (no retraining)",
     "score": "DINO, CLIP-I and CLIP-T of any generated images against real subject images",
@@ -42,6 +43,10 @@ def _tool(name: str):
         from components.cli import score
 
         return score
+    if name == "edit":
+        from components.cli import edit
+
+        return edit
     if name == "batch":
         from components.cli import batch
 

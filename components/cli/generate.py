@@ -40,7 +40,8 @@ from components.model.presets import PRESETS
 log = logging.getLogger(__name__)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model to load and where it runs (`generate` and `edit`)."""
     src = p.add_argument_group("model")
     src.add_argument("--checkpoint", help="a folder in the released layout, or a hub id")
     src.add_argument("--preset", choices=PRESETS,
@@ -48,6 +49,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     src.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                      help="auto: fp16 on GPU, fp32 on CPU")
+
+
+def add_subject_arguments(p: argparse.ArgumentParser) -> None:
+    """The subject: reference images, saved embeddings or a fine-tuned folder (`generate` and `edit`)."""
+    subj = p.add_argument_group("subject")
+    subj.add_argument("--subject-image", nargs="+", type=Path, default=[],
+                      help="reference image(s) of the subject; their embeddings are averaged")
+    subj.add_argument("--embeddings", type=Path, help="saved subject embeddings (safetensors) instead")
+    subj.add_argument("--finetuned", type=Path,
+                      help="a `blipdiff finetune` folder: its UNet or LoRA and its subject embeddings")
+    subj.add_argument("--save-embeddings", type=Path, help="save the subject embeddings here")
+    subj.add_argument("--max-image-pixels", type=int, default=MAX_PIXELS,
+                      help="refuse an image declaring more pixels, before decoding it")
+    subj.add_argument("--source-subject", help="class of the subject in the reference images")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
     ctl = p.add_argument_group("control (ControlNet)")
     ctl.add_argument("--controlnet", action="append", default=[], metavar="DIR|HUB_ID",
                      help="add a diffusers ControlNetModel (a folder, a checkpoint with controlnet/, or a hub id); "
@@ -67,17 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ctl.add_argument("--control-start", type=float, default=0.0,
                      help="the ControlNets act from this fraction of the steps ...")
     ctl.add_argument("--control-end", type=float, default=1.0, help="... up to this one")
-    subj = p.add_argument_group("subject")
-    subj.add_argument("--subject-image", nargs="+", type=Path, default=[],
-                      help="reference image(s) of the subject; their embeddings are averaged")
-    subj.add_argument("--embeddings", type=Path, help="saved subject embeddings (safetensors) instead")
-    subj.add_argument("--finetuned", type=Path,
-                      help="a `blipdiff finetune` folder: its UNet or LoRA and its subject embeddings")
-    subj.add_argument("--save-embeddings", type=Path, help="save the subject embeddings here")
-    subj.add_argument("--max-image-pixels", type=int, default=MAX_PIXELS,
-                      help="refuse a reference image declaring more pixels, before decoding it")
-    subj.add_argument("--source-subject", help="class of the subject in the reference images")
-    subj.add_argument("--target-subject", help="class to draw (default: the source subject)")
+    add_subject_arguments(p)
+    p.add_argument("--target-subject", help="class to draw (default: the source subject)")
     gen = p.add_argument_group("generation")
     gen.add_argument("--prompt", action="append", default=[], help="repeatable")
     gen.add_argument("--negative-prompt", default="")
@@ -107,11 +117,7 @@ def _validate(args) -> None:
     if args.seeds is not None and len(args.seeds) != len(prompts) * args.images_per_prompt:
         raise BlipDiffError(f"--seeds has {len(args.seeds)} values for {len(prompts)} prompts x "
                             f"{args.images_per_prompt} images = {len(prompts) * args.images_per_prompt}")
-    given = [n for n in ("subject_image", "embeddings", "finetuned") if getattr(args, n)]
-    if len(given) != 1:
-        raise BlipDiffError("give exactly one of --subject-image (one or more), --embeddings, --finetuned")
-    if args.subject_image and not args.source_subject:
-        raise BlipDiffError("--source-subject (the class in the reference images) is required")
+    validate_subject(args)
     for size in (args.height, args.width):
         if size is not None and (size <= 0 or size % 8):
             raise BlipDiffError(f"height and width must be positive multiples of 8, got {size}")
@@ -121,11 +127,20 @@ def _validate(args) -> None:
         raise BlipDiffError(f"{args.out}: exists and is not empty; pass --overwrite to replace it")
     if args.batch_size < 1:
         raise BlipDiffError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _validate_control(args, len(prompts))
+
+
+def validate_subject(args) -> None:
+    """The model and subject flags (`generate` and `edit`)."""
+    given = [n for n in ("subject_image", "embeddings", "finetuned") if getattr(args, n)]
+    if len(given) != 1:
+        raise BlipDiffError("give exactly one of --subject-image (one or more), --embeddings, --finetuned")
+    if args.subject_image and not args.source_subject:
+        raise BlipDiffError("--source-subject (the class in the reference images) is required")
     if args.finetuned and not (args.finetuned / finetuned.EMBEDDINGS_FILE).is_file():
         raise BlipDiffError(f"{args.finetuned}: not a fine-tuned subject folder (no {finetuned.EMBEDDINGS_FILE})")
     if args.checkpoint:
         sources.check(args.checkpoint, "--checkpoint", kinds=("model", "hub"))
-    _validate_control(args, len(prompts))
 
 
 def _checkpoint_controlnets(args) -> int | None:
@@ -168,7 +183,7 @@ def _control_counts(nets: int, images: int, scales: int, prompts: int) -> None:
                             "ControlNet")
 
 
-def _base(args) -> dict:
+def model_source(args) -> dict:
     """The model to build: `--checkpoint` or `--preset` when given, else the base a
     `--finetuned` folder records, else params.yaml's preset (presets with their seed 0)."""
     if args.checkpoint:
@@ -181,7 +196,23 @@ def _base(args) -> dict:
     return {"preset": params_preset(), "seed": 0}
 
 
-def _subject(args, model, refs) -> tuple:
+def load_model(args, controlnets=()) -> tuple:
+    """The model the flags name (with `controlnets` attached), checked against a `--finetuned`
+    folder's recorded base and placed: (model, its source, device, dtype)."""
+    device, dtype = placement(args.device, args.dtype)
+    base = model_source(args)
+    start = time.perf_counter()
+    model = presets.from_base(base)
+    if args.finetuned:  # on the weights as built, before a cast changes their bytes
+        finetuned.check_base(model, args.finetuned, base)
+    controlnet.attach(model, list(controlnets), finetuned.base_name(base))
+    model.to(device, dtype)
+    log.info("model %s on %s (%s) in %.1f s", finetuned.base_name(base), device, dtype,
+             time.perf_counter() - start)
+    return model, base, device, dtype
+
+
+def subject(args, model, refs) -> tuple:
     """The subject embeddings (from reference images, saved embeddings or a fine-tuned
     folder) and the source subject's class."""
     if args.embeddings or args.finetuned:
@@ -230,18 +261,9 @@ def run(args) -> list[dict]:
     # the control images too (unreadable or oversized: stop before loading anything)
     photos = read_subject_images(args.control_image, max_side=4096, max_pixels=args.max_image_pixels,
                                  what="control image") if args.control_image else []
-    device, dtype = placement(args.device, args.dtype)
-    base = _base(args)
-    start = time.perf_counter()
-    model = presets.from_base(base)
-    if args.finetuned:  # on the weights as built, before a cast changes their bytes
-        finetuned.check_base(model, args.finetuned, base)
-    controlnet.attach(model, args.controlnet, finetuned.base_name(base))
-    model.to(device, dtype)
-    log.info("model %s on %s (%s) in %.1f s", finetuned.base_name(base), device, dtype,
-             time.perf_counter() - start)
+    model, base, device, dtype = load_model(args, args.controlnet)
 
-    embeds, source = _subject(args, model, refs)
+    embeds, source = subject(args, model, refs)
     target = args.target_subject or source
 
     height, width = args.height or model.native_size, args.width or model.native_size

@@ -302,48 +302,79 @@ class BlipDiffusion:
         text = self.text_conditioning(nets, subject_embeds, built, negative_prompt if guided else None)
         latents = self.initial_latents(nets, seeds, height, width) * sched.init_noise_sigma
         sched.set_timesteps(num_inference_steps, device=nets.device)
-        steps = sched.timesteps
-        count = len(steps)
+        residuals = None
         if control is not None:  # per ControlNet: condition images and scales for the UNet batch's rows
             copies = 2 if guided else 1
             cond = [img.to(nets.device, nets.dtype).expand(len(prompts), -1, -1, -1).repeat(copies, 1, 1, 1)
                     for img in control.images]
             scales = control.scale_rows(len(prompts)).repeat(1, copies)
+            count = len(sched.timesteps)
+
+            def residuals(i, model_input, t):
+                if control.active(i, count):
+                    return control_residuals(nets, cond, scales, model_input, t, text)
+                return None
+        latents = self.denoise(nets, sched, latents, text, guidance_scale, residuals=residuals, progress=progress)
+        return self.decode(nets, latents)
+
+    @staticmethod
+    def denoise(nets: Networks, sched, latents: torch.Tensor, text: torch.Tensor, guidance_scale: float, *,
+                residuals=None, unguided: int = 0, callback=None, progress: bool = False) -> torch.Tensor:
+        """The sampling loop over `sched.timesteps` (set by the caller), shared by generation and
+        editing (`components.model.editing`). `text` is (N, T, D), or (2N, T, D) with the
+        negative branch first when `guidance_scale` > 1. `residuals(i, model_input, t)` gives
+        the ControlNets' residuals of UNet call i (or None); the first `unguided` rows take their
+        conditional prediction without guidance (editing's source rows on a real photo);
+        `callback.begin(i)` runs before UNet call i and `latents = callback.end(i, latents)`
+        after its scheduler step. Returns the final latents."""
+        guided = guidance_scale > 1.0
+        steps = sched.timesteps
         if progress:
             from tqdm import tqdm
 
             steps = tqdm(steps, desc="denoise", unit="step")
         for i, t in enumerate(steps):
+            if callback is not None:
+                callback.begin(i)
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = sched.scale_model_input(model_input, t)
-            residuals = None
-            if control is not None and control.active(i, count):
-                residuals = control_residuals(nets, cond, scales, model_input, t, text)
-            noise = nets.unet(model_input, t, text, residuals)
+            noise = nets.unet(model_input, t, text, None if residuals is None else residuals(i, model_input, t))
             if guided:
                 uncond, cond_noise = noise.chunk(2)
                 noise = uncond + guidance_scale * (cond_noise - uncond)
+                if unguided:
+                    noise[:unguided] = cond_noise[:unguided]
             latents = sched.step(noise, t, latents).prev_sample
+            if callback is not None:
+                latents = callback.end(i, latents)
+        return latents
+
+    @staticmethod
+    def decode(nets: Networks, latents: torch.Tensor) -> np.ndarray:
+        """Float images in [0, 1], (N, H, W, 3), of scaled latents."""
         image = nets.vae_decode(latents / nets.scaling_factor)
         return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
 
     def text_conditioning(self, nets: Networks, subject_embeds: torch.Tensor | None, built: list[str],
-                          negative_prompt: str | None) -> torch.Tensor:
+                          negative_prompt: str | None, has_subject: Sequence[bool] | None = None) -> torch.Tensor:
         """The UNet's text input for built prompts: (N, T, D), or (2N, T, D) with the negative
         prompt's branch first (classifier-free guidance; encoded once, without subject
-        embeddings, for all images). `subject_embeds` None: the prompts alone, no subject."""
-        count, with_subject = len(built), subject_embeds is not None
-        if with_subject:
+        embeddings, for all images). `subject_embeds` None: the prompts alone, no subject.
+        `has_subject` (one flag per prompt; default: all when `subject_embeds` is given) marks
+        the rows that get the subject embeddings (editing mixes rows with and without)."""
+        count = len(built)
+        flags = [subject_embeds is not None] * count if has_subject is None else [bool(h) for h in has_subject]
+        if any(flags) and subject_embeds is None:
+            raise BlipDiffError("text_conditioning: rows marked with a subject but no subject embeddings given")
+        if subject_embeds is not None:
             num_query, hidden = subject_embeds.shape[1:]
-        else:
-            num_query, hidden = self.qformer.config.num_query_tokens, self.text_encoder.config.hidden_size
-        if with_subject:
             embeds = subject_embeds.to(nets.device)
             embeds = embeds.expand(count, -1, -1) if len(embeds) == 1 else embeds
         else:
+            num_query, hidden = self.qformer.config.num_query_tokens, self.text_encoder.config.hidden_size
             embeds = torch.zeros(count, num_query, hidden, device=nets.device, dtype=nets.dtype)
-        cond = nets.text(prompt_ids(self.tokenizer, built, nets.text_length, num_query, [with_subject] * count),
-                         embeds, torch.full((count,), with_subject, dtype=torch.bool))
+        cond = nets.text(prompt_ids(self.tokenizer, built, nets.text_length, num_query, flags),
+                         embeds, torch.tensor(flags, dtype=torch.bool))
         if negative_prompt is None:
             return cond
         negative = nets.text(prompt_ids(self.tokenizer, [negative_prompt], nets.text_length, num_query, [False]),
