@@ -320,3 +320,33 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(checkpoint, tmp_path, caps
     assert rc == 2 and err[-1].startswith("blipdiff edit: error:") and sum("error" in line for line in err) == 1, err
     assert re.search(message, err[-1]), err[-1]
     assert not out.exists()
+
+
+@pytest.mark.gpu
+def test_fp16_edit_on_cuda_close_to_fp32(embeds):
+    """On a GPU: fp16 (LAVIS fails there with a dtype mismatch) near fp32, both modes."""
+    from components.model.tiny.blip_diffusion import build_tiny
+
+    full = build_tiny(0, image_size=SIZE).to("cuda", torch.float32)
+    half = build_tiny(0, image_size=SIZE).to("cuda", torch.float16)
+    for e in (Edit("on sand", "cat", "dog", seed=1), Edit("on sand", "cat", "dog", seed=2, photo=photo())):
+        a = editing.edit(full, embeds.cuda(), [e], settings(blend_threshold=0.8))
+        b = editing.edit(half, embeds.cuda().half(), [e], settings(blend_threshold=0.8))
+        assert np.isfinite(b.edited).all() and np.abs(a.edited - b.edited).mean() < 0.02
+
+
+def test_cli_edits_a_dreambench_photo_with_dreambench_subject_photos(checkpoint, dreambench_dir, tmp_path):
+    """Real photos (JPEGs of 780-1920 px from the DreamBooth dataset) as the photo to edit and
+    as the subject's reference images."""
+    folder, _ = checkpoint
+    out = tmp_path / "out"
+    cat = dreambench_dir / "cat" / "00.jpg"
+    rc = _cli(["--checkpoint", str(folder), "--subject-image", str(dreambench_dir / "dog" / "00.jpg"),
+               str(dreambench_dir / "dog" / "01.jpg"), "--source-subject", "dog", "--image", str(cat),
+               "--prompt", "sitting on the grass", "--source-class", "cat", "--steps", "4", "--out", str(out)])
+    assert rc == 0
+    record = json.loads((out / "0000" / "record.json").read_text())
+    assert record["image"] == str(cat) and record["target_text"] == "a dog sitting on the grass"
+    source = np.asarray(Image.open(out / "0000" / "source.png"))
+    assert source.shape == (SIZE, SIZE, 3) and source.std() > 1
+    assert 0.0 <= record["mask_fraction"] <= 1.0
