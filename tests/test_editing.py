@@ -350,3 +350,18 @@ def test_cli_edits_a_dreambench_photo_with_dreambench_subject_photos(checkpoint,
     source = np.asarray(Image.open(out / "0000" / "source.png"))
     assert source.shape == (SIZE, SIZE, 3) and source.std() > 1
     assert 0.0 <= record["mask_fraction"] <= 1.0
+
+
+def test_only_cross_attention_materialises_probabilities(model, embeds, monkeypatch):
+    """No queries x queries matrix: the only explicit softmax of an edit is over the 77 text
+    positions (self-attention, its replacement included, stays scaled_dot_product_attention)."""
+    widths = []
+    softmax = torch.Tensor.softmax
+
+    def spy(self, *a, **kw):
+        widths.append(self.shape[-1])
+        return softmax(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "softmax", spy)
+    editing.edit(model, embeds, [Edit("on sand", "cat", "dog")], settings(steps=4))
+    assert widths and set(widths) == {model.text_length}
