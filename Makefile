@@ -50,7 +50,7 @@ screenshots: setup
 	. $(BIN)/activate && python scripts/mlflow_screenshot.py
 
 bench: setup
-	. $(BIN)/activate && python benchmarks/context_bench.py && python benchmarks/generate_bench.py && python benchmarks/train_bench.py && python benchmarks/stream_bench.py && python benchmarks/eval_bench.py && python benchmarks/export_bench.py
+	. $(BIN)/activate && python benchmarks/context_bench.py && python benchmarks/generate_bench.py && python benchmarks/train_bench.py && python benchmarks/stream_bench.py && python benchmarks/eval_bench.py && python benchmarks/export_bench.py && python benchmarks/edit_bench.py
 
 # the grid of the last `make repro` (train_subject writes it), for the docs; no venv needed
 samples:

@@ -76,7 +76,7 @@ def half_precision(steps: int) -> None:
     size = full.native_size
     torch.manual_seed(0)
     embeds = torch.randn(1, full.qformer.config.num_query_tokens, full.text_encoder.config.hidden_size)
-    settings = EditSettings(steps=steps, height=size, width=size)
+    settings = EditSettings(steps=steps, height=size, width=size, blend_threshold=0.8)  # the default profile's
     for name, e in (("generated", Edit("on a striped background", "pillow", "toy", seed=1)),
                     ("photo", Edit("on a striped background", "pillow", "toy", photo=photo()))):
         a = editing.edit(full, embeds, [e], settings)
