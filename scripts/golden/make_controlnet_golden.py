@@ -499,34 +499,15 @@ def main(argv=None) -> int:
     ap.add_argument("--check-determinism", action="store_true",
                     help="generate twice into temp dirs and compare all golden tensors bit-for-bit")
     args = ap.parse_args(argv)
-
-    for lib, want in mg.EXPECTED_VERSIONS.items():
-        have = {"diffusers": diffusers.__version__, "transformers": transformers.__version__}[lib]
-        if have != want:
-            print(f"WARNING: {lib} {have} != expected {want}", file=sys.stderr)
-
+    mg.warn_versions()
     if args.check_determinism:
         with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
             ta, tb = generate(Path(a)), generate(Path(b))
-            bad = [k for k in ta if not torch.equal(ta[k], tb[k])]
-            files = sorted(p.relative_to(a) for p in Path(a).rglob("*") if p.is_file())
-            bad_files = [str(f) for f in files if (Path(a) / f).read_bytes() != (Path(b) / f).read_bytes()]
-            ha, hb = _sha256_file(Path(a) / "golden.safetensors"), _sha256_file(Path(b) / "golden.safetensors")
-            print("golden.safetensors sha256:", ha, hb)
-            if bad or bad_files or ha != hb:
-                print("NOT deterministic:", bad, bad_files, file=sys.stderr)
-                return 1
-            print(f"deterministic: OK ({len(files)} files byte-identical)")
-        return 0
+            return 0 if mg.same_runs(Path(a), Path(b), ta, tb) else 1
 
     tensors = generate(args.out)
-    total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
-    print(f"wrote {args.out} ({total / 1e6:.2f} MB)")
-    for k, v in tensors.items():
-        extra = f" min={v.min().item():.4f} max={v.max().item():.4f}" if v.is_floating_point() else ""
-        print(f"  {k:28s} {str(tuple(v.shape)):22s} {str(v.dtype):14s}{extra}")
+    mg.report_written(args.out, tensors)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -867,39 +867,20 @@ def main(argv=None) -> int:
     ap.add_argument("--check-determinism", action="store_true",
                     help="generate twice into temp dirs and compare all golden tensors bit-for-bit")
     args = ap.parse_args(argv)
-
-    for lib, want in mg.EXPECTED_VERSIONS.items():
-        have = {"diffusers": diffusers.__version__, "transformers": transformers.__version__}[lib]
-        if have != want:
-            print(f"WARNING: {lib} {have} != expected {want}", file=sys.stderr)
-
+    mg.warn_versions()
     if args.check_determinism:
         with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
             ta, _ = generate(Path(a), args.lavis, args.lavis_git, args.lavis_rev, args.torchvision_path)
             tb, info = generate(Path(b), args.lavis, args.lavis_git, args.lavis_rev, args.torchvision_path)
-            bad = [k for k in ta if not torch.equal(ta[k], tb[k])]
-            ha = hashlib.sha256((Path(a) / "golden.safetensors").read_bytes()).hexdigest()
-            hb = hashlib.sha256((Path(b) / "golden.safetensors").read_bytes()).hexdigest()
-            print("golden.safetensors sha256:", ha, hb)
-            files_a = sorted(p.relative_to(a) for p in Path(a).rglob("*") if p.is_file())
-            files_b = sorted(p.relative_to(b) for p in Path(b).rglob("*") if p.is_file())
-            diff_files = [str(f) for f in files_a if (Path(a) / f).read_bytes() != (Path(b) / f).read_bytes()]
-            if bad or ha != hb or files_a != files_b or diff_files:
-                print("NOT deterministic:", bad, diff_files, file=sys.stderr)
+            if not mg.same_runs(Path(a), Path(b), ta, tb):
                 return 1
             _summary(info)
-            print("deterministic: OK")
         return 0
 
     tensors, info = generate(args.out, args.lavis, args.lavis_git, args.lavis_rev, args.torchvision_path)
     _summary(info)
-    total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
-    print(f"wrote {args.out} ({total / 1e6:.2f} MB)")
-    for k, v in tensors.items():
-        extra = f" min={v.min().item():.4f} max={v.max().item():.4f}" if v.is_floating_point() else ""
-        print(f"  {k:36s} {str(tuple(v.shape)):22s} {str(v.dtype):14s}{extra}")
+    mg.report_written(args.out, tensors, width=36)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -682,6 +682,40 @@ def generate(out_dir: Path, variant: str = "released") -> dict[str, torch.Tensor
     return tensors
 
 
+def warn_versions() -> None:
+    """A warning when the reference environment is not the one the fixtures were made with."""
+    for lib, want in EXPECTED_VERSIONS.items():
+        have = {"diffusers": diffusers.__version__, "transformers": transformers.__version__}[lib]
+        if have != want:
+            print(f"WARNING: {lib} {have} != expected {want}", file=sys.stderr)
+
+
+def same_runs(a: Path, b: Path, ta: dict, tb: dict, all_files: bool = True) -> bool:
+    """--check-determinism: two runs' tensors and golden.safetensors (and, with `all_files`,
+    every file they wrote) byte-identical; prints the verdict."""
+    bad = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    ha = hashlib.sha256((a / "golden.safetensors").read_bytes()).hexdigest()
+    hb = hashlib.sha256((b / "golden.safetensors").read_bytes()).hexdigest()
+    print("golden.safetensors sha256:", ha, hb)
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    bad_files = [str(f) for f in files_a if all_files and (f not in files_b or (a / f).read_bytes() != (b / f).read_bytes())]
+    if bad or ha != hb or (all_files and files_a != files_b) or bad_files:
+        print("NOT deterministic:", bad, bad_files, file=sys.stderr)
+        return False
+    print(f"deterministic: OK ({len(files_a) if all_files else 'golden.safetensors and tensors'} "
+          f"{'files byte-identical' if all_files else 'identical'})")
+    return True
+
+
+def report_written(out: Path, tensors: dict, width: int = 28) -> None:
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({total / 1e6:.2f} MB)")
+    for k, v in tensors.items():
+        extra = f" min={v.min().item():.4f} max={v.max().item():.4f}" if v.is_floating_point() else ""
+        print(f"  {k:{width}s} {str(tuple(v.shape)):22s} {str(v.dtype):14s}{extra}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variant", choices=sorted(VARIANTS), default="released",
@@ -691,34 +725,16 @@ def main(argv=None) -> int:
     ap.add_argument("--check-determinism", action="store_true",
                     help="generate twice into temp dirs and compare all golden tensors bit-for-bit")
     args = ap.parse_args(argv)
-
-    for lib, want in EXPECTED_VERSIONS.items():
-        have = {"diffusers": diffusers.__version__, "transformers": transformers.__version__}[lib]
-        if have != want:
-            print(f"WARNING: {lib} {have} != expected {want}", file=sys.stderr)
-
+    warn_versions()
     if args.check_determinism:
         with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
             ta, tb = generate(Path(a), args.variant), generate(Path(b), args.variant)
-            bad = [k for k in ta if not torch.equal(ta[k], tb[k])]
-            ha = hashlib.sha256((Path(a) / "golden.safetensors").read_bytes()).hexdigest()
-            hb = hashlib.sha256((Path(b) / "golden.safetensors").read_bytes()).hexdigest()
-            print("golden.safetensors sha256:", ha, hb)
-            if bad or ha != hb:
-                print("NOT deterministic:", bad, file=sys.stderr)
-                return 1
-            print("deterministic: OK")
-        return 0
+            return 0 if same_runs(Path(a), Path(b), ta, tb, all_files=False) else 1
 
     args.out = args.out or VARIANTS[args.variant]
     tensors = generate(args.out, args.variant)
-    total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
-    print(f"wrote {args.out} ({total / 1e6:.2f} MB)")
-    for k, v in tensors.items():
-        extra = f" min={v.min().item():.4f} max={v.max().item():.4f}" if v.is_floating_point() else ""
-        print(f"  {k:28s} {str(tuple(v.shape)):22s} {str(v.dtype):14s}{extra}")
+    report_written(args.out, tensors)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
