@@ -365,3 +365,17 @@ def test_only_cross_attention_materialises_probabilities(model, embeds, monkeypa
     monkeypatch.setattr(torch.Tensor, "softmax", spy)
     editing.edit(model, embeds, [Edit("on sand", "cat", "dog")], settings(steps=4))
     assert widths and set(widths) == {model.text_length}
+
+
+def test_cli_warns_when_the_mask_covers_everything(checkpoint, tmp_path, caplog):
+    folder, ref = checkpoint
+    args = ["--checkpoint", str(folder), "--subject-image", str(ref), "--source-subject", "dog", "--prompt", "on sand",
+            "--source-class", "cat", "--steps", "4"]
+    with caplog.at_level("WARNING"):
+        assert _cli([*args, "--blend-threshold", "0", "--out", str(tmp_path / "all")]) == 0
+    assert "the blend mask covers the whole image" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert _cli([*args, "--blend-threshold", "0.9", "--out", str(tmp_path / "part")]) == 0
+    assert json.loads((tmp_path / "part" / "0000" / "record.json").read_text())["mask_fraction"] < 1
+    assert "the blend mask covers the whole image" not in caplog.text

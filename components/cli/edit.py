@@ -167,5 +167,9 @@ def run(args) -> list[dict]:
                 }
                 (folder / "record.json").write_text(json.dumps(record, indent=2) + "\n")
                 records.append(record)
+                if settings.blend and record["mask_fraction"] == 1.0:
+                    log.warning("edit %04d: the blend mask covers the whole image (the blend words' attention is flat "
+                                "above --blend-threshold %g), so the background changed too; a higher threshold "
+                                "keeps more of the source (0.8 on the tiny model)", i, settings.blend_threshold)
     log.info("wrote %d edits to %s", len(records), args.out)
     return records
