@@ -67,6 +67,10 @@ def test_blend_words_are_found_on_the_tokens(model):
     pieces = tok("cat", add_special_tokens=False).input_ids
     assert [ids[p] for p in positions] == pieces and positions[0] == 1 + len(tok("a", add_special_tokens=False).input_ids)
     assert editing.word_positions(tok, text, "dog", 77) == []
+    two = Edit("on sand", "teddy bear", "dog")  # a class of two words blends on both
+    assert two.words == ("teddy", "bear")
+    editing.check_edits(model, [two], settings())
+    assert Edit("x", "cat", "dog", blend_words=("sofa cushion", "cat")).words == ("sofa", "cushion", "cat")
     with pytest.raises(BlipDiffError, match="blend word 'dog' is not a word of the source prompt 'a cat on sand'"):
         editing.check_edits(model, [Edit("on sand", "cat", "dog", blend_words=("dog",))], settings())
 

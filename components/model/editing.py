@@ -107,11 +107,12 @@ class Edit:
     target_class: str
     seed: int = 0
     photo: np.ndarray | None = None
-    blend_words: tuple[str, ...] = ()  # default: (source_class,)
+    blend_words: tuple[str, ...] = ()  # default: the source class's words
 
     @property
     def words(self) -> tuple[str, ...]:
-        return tuple(self.blend_words) or (self.source_class,)
+        """The blend words, one word each ("teddy bear" blends on "teddy" and "bear")."""
+        return tuple(w for phrase in (self.blend_words or (self.source_class,)) for w in phrase.split())
 
 
 @dataclass
