@@ -333,34 +333,36 @@ class EditProcessor:
         return out / attn.rescale_output_factor
 
 
+def _blend_layers(unet) -> tuple[int, set[str]]:
+    """The blend maps' downsampling factor (the coarsest cross-attention maps of the UNet's
+    down and up blocks: 4 on Stable Diffusion, 16x16 maps at 512 px) and the processor names
+    of the cross-attention layers at that factor."""
+    down, up = len(unet.config.down_block_types), len(unet.config.up_block_types)
+    factors = {n: _layer_factor(n, down, up) for n in unet.attn_processors
+               if n.endswith("attn2.processor") and not n.startswith("mid_block")}
+    if not factors:
+        raise BlipDiffError("editing needs cross-attention in the UNet's down or up blocks; this UNet has none")
+    factor = max(factors.values())
+    return factor, {n for n, f in factors.items() if f == factor}
+
+
+def blend_factor(unet) -> int:
+    """The downsampling factor of the blend maps (`_blend_layers`)."""
+    return _blend_layers(unet)[0]
+
+
 @contextlib.contextmanager
 def attention_control(unet, controller: Controller):
     """Install an `EditProcessor` on every attention layer of `unet` for the block's duration;
     the processors that were there are put back afterwards, also on error."""
     saved = unet.attn_processors
-    down, up = len(unet.config.down_block_types), len(unet.config.up_block_types)
-    factor = blend_factor(unet)
-    processors = {}
-    for name in saved:
-        cross = name.endswith("attn2.processor")
-        blend_layer = cross and not name.startswith("mid_block") and _layer_factor(name, down, up) == factor
-        processors[name] = EditProcessor(controller, cross, blend_layer)
-    unet.set_attn_processor(processors)
+    _, blend_layers = _blend_layers(unet)
+    unet.set_attn_processor({name: EditProcessor(controller, name.endswith("attn2.processor"), name in blend_layers)
+                             for name in saved})
     try:
         yield
     finally:
         unet.set_attn_processor(saved)
-
-
-def blend_factor(unet) -> int:
-    """The downsampling factor of the blend maps: the coarsest cross-attention maps of the
-    UNet's down and up blocks (4 on Stable Diffusion: 16x16 maps at 512 px)."""
-    down, up = len(unet.config.down_block_types), len(unet.config.up_block_types)
-    factors = [_layer_factor(n, down, up) for n in unet.attn_processors
-               if n.endswith("attn2.processor") and not n.startswith("mid_block")]
-    if not factors:
-        raise BlipDiffError("editing needs cross-attention in the UNet's down or up blocks; this UNet has none")
-    return max(factors)
 
 
 # ----------------------------------------------------------------------------- photos and inversion
@@ -381,14 +383,14 @@ def photo_pixels(photo: np.ndarray, height: int, width: int) -> torch.Tensor:
     return pixels * 2.0 - 1.0
 
 
-def editing_grid(model: BlipDiffusion, steps: int, inversion_steps: int):
-    """The DDIM scheduler that edits a photo and the inverse scheduler that inverts it, with
-    the inverse timesteps to run: the inversion grid must hold every editing timestep, and
-    stops at the first one (equal step counts always do)."""
+def editing_grid(model: BlipDiffusion, steps: int, inversion_steps: int, device: torch.device | None = None):
+    """The DDIM scheduler that edits a photo (timesteps set, on `device`) and the inverse
+    scheduler that inverts it, with the inverse timesteps to run: the inversion grid must hold
+    every editing timestep, and stops at the first one (equal step counts always do)."""
     from diffusers import DDIMInverseScheduler
 
     sched = model.make_scheduler("ddim")
-    sched.set_timesteps(steps)
+    sched.set_timesteps(steps, device=device)
     accepted = set(inspect.signature(DDIMInverseScheduler.__init__).parameters)
     config = {k: v for k, v in model.scheduler.config.items() if k in accepted}  # a PNDM config has more
     inverse = DDIMInverseScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False)
@@ -477,7 +479,8 @@ def edit(model: BlipDiffusion, subject_embeds: torch.Tensor | None, edits: Seque
     real = edits[0].photo is not None
     inverted, inversion_texts = None, None
     if real:
-        sched, inverse, inv_steps = editing_grid(model, settings.steps, settings.inversion_steps or settings.steps)
+        sched, inverse, inv_steps = editing_grid(model, settings.steps, settings.inversion_steps or settings.steps,
+                                                 nets.device)
         pixels = torch.stack([photo_pixels(x.photo, settings.height, settings.width) for x in edits])
         moments = model.latent_moments(pixels)
         eps = torch.cat([torch.randn((1, *moments.shape[2:]), generator=torch.Generator().manual_seed(int(x.seed)))
@@ -492,8 +495,6 @@ def edit(model: BlipDiffusion, subject_embeds: torch.Tensor | None, edits: Seque
         sched.set_timesteps(settings.steps, device=nets.device)
         noise = model.initial_latents(nets, [x.seed for x in edits], settings.height, settings.width)
         latents = torch.cat([noise, noise]) * sched.init_noise_sigma
-    if real:
-        sched.set_timesteps(settings.steps, device=nets.device)
 
     controller = Controller(e, mapper, alphas, weights, settings, latent_hw, blend_factor(model.unet), nets.device)
     with attention_control(model.unet, controller):
