@@ -88,16 +88,10 @@ def _validate(args) -> None:
     if not prompts or any(not p for p in prompts):
         raise BlipDiffError("give at least one non-empty --prompt")
     generate.validate_subject(args)
-    for size in (args.height, args.width):
-        if size is not None and (size <= 0 or size % 8):
-            raise BlipDiffError(f"height and width must be positive multiples of 8, got {size}")
-    if args.batch_size < 1:
-        raise BlipDiffError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.inversion_steps is not None and not args.image:
         raise BlipDiffError("--inversion-steps is for --image (a real photo)")
-    _settings(args, 8, 8).check()
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        raise BlipDiffError(f"{args.out}: exists and is not empty; pass --overwrite to replace it")
+    _settings(args, 8, 8).check()  # sizes: validate_output (the model's native size is not known yet)
+    generate.validate_output(args)
 
 
 def _settings(args, height: int, width: int) -> editing.EditSettings:

@@ -118,16 +118,21 @@ def _validate(args) -> None:
         raise BlipDiffError(f"--seeds has {len(args.seeds)} values for {len(prompts)} prompts x "
                             f"{args.images_per_prompt} images = {len(prompts) * args.images_per_prompt}")
     validate_subject(args)
+    if args.steps < 1:
+        raise BlipDiffError(f"--steps must be >= 1, got {args.steps}")
+    validate_output(args)
+    _validate_control(args, len(prompts))
+
+
+def validate_output(args) -> None:
+    """The image size, batch size and output folder flags (`generate` and `edit`)."""
     for size in (args.height, args.width):
         if size is not None and (size <= 0 or size % 8):
             raise BlipDiffError(f"height and width must be positive multiples of 8, got {size}")
-    if args.steps < 1:
-        raise BlipDiffError(f"--steps must be >= 1, got {args.steps}")
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise BlipDiffError(f"{args.out}: exists and is not empty; pass --overwrite to replace it")
     if args.batch_size < 1:
         raise BlipDiffError(f"--batch-size must be >= 1, got {args.batch_size}")
-    _validate_control(args, len(prompts))
 
 
 def validate_subject(args) -> None:
