@@ -185,25 +185,6 @@ def check_base_identical(ckpt_dir: Path, base_dir: Path) -> dict:
 # --------------------------------------------------------------------------------------
 # Golden generation
 # --------------------------------------------------------------------------------------
-def _call(pipe, ref_image, control_image=None):
-    p = PIPE_INPUTS
-    args = [p["prompt"], ref_image] + ([control_image] if control_image is not None else [])
-    return pipe(
-        *args,
-        p["source_subject_category"],
-        p["target_subject_category"],
-        guidance_scale=p["guidance_scale"],
-        height=p["height"],
-        width=p["width"],
-        num_inference_steps=p["num_inference_steps"],
-        generator=torch.Generator(device="cpu").manual_seed(p["generator_seed"]),
-        neg_prompt=p["neg_prompt"],
-        prompt_strength=p["prompt_strength"],
-        prompt_reps=p["prompt_reps"],
-        output_type=p["output_type"],
-    ).images
-
-
 @torch.no_grad()
 def run_reference(ckpt_dir: Path, ref_png: Path, control_png: Path, bert_vocab: Path):
     with mg._PatchedBertFromPretrained(bert_vocab):
@@ -241,7 +222,7 @@ def run_reference(ckpt_dir: Path, ref_png: Path, control_png: Path, bert_vocab: 
     pipe.scheduler.scale_model_input = lambda s, *a, **kw: (scale_calls.append(1), orig_scale(s, *a, **kw))[1]
 
     with mg.recorded_steps_and_decode(pipe, cap):
-        image = _call(pipe, ref_image, control_image)
+        image = mg.call_pipeline(pipe, ref_image, control_image)
 
     for h in hooks:
         h.remove()
@@ -317,14 +298,14 @@ def run_reference(ckpt_dir: Path, ref_png: Path, control_png: Path, bert_vocab: 
     plain = BlipDiffusionPipeline(**{k: v for k, v in pipe.components.items() if k != "controlnet"},
                                   ctx_begin_pos=pipe.config.ctx_begin_pos, mean=None, std=None)
     plain.set_progress_bar_config(disable=True)
-    image_plain = torch.from_numpy(np.ascontiguousarray(_call(plain, ref_image)))
+    image_plain = torch.from_numpy(np.ascontiguousarray(mg.call_pipeline(plain, ref_image)))
     max_diff = float((image_t - image_plain).abs().max())
     mean_diff = float((image_t - image_plain).abs().mean())
     print(f"max |image - image_without_controlnet| = {max_diff:.4f} (mean {mean_diff:.4f})")
     assert max_diff > MIN_CONTROLNET_EFFECT, f"the ControlNet barely changes the image: {max_diff}"
     # the condition's content must matter too (a black image of the same size instead)
     black = PIL.Image.new("RGB", control_image.size)
-    image_blank = torch.from_numpy(np.ascontiguousarray(_call(pipe, ref_image, black)))
+    image_blank = torch.from_numpy(np.ascontiguousarray(mg.call_pipeline(pipe, ref_image, black)))
     blank_diff = float((image_t - image_blank).abs().max())
     print(f"max |image - image with a black control image| = {blank_diff:.4f}")
     assert blank_diff > MIN_CONTROL_CONTENT_EFFECT, f"the control image barely matters: {blank_diff}"
@@ -376,12 +357,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def generate(out_dir: Path) -> dict[str, torch.Tensor]:
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out_dir / CKPT_NAME
-    if ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
+    ckpt_dir = mg.start_run(out_dir, CKPT_NAME)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -430,13 +430,19 @@ def assemble_lavis_model(lv: dict, pipe: BlipDiffusionPipeline, subject_embeds: 
                 "lavis_attn_implementation": getattr(text_encoder.config, "_attn_implementation", None)}
     assert te_check["with_subject_max_abs_diff"] < 1e-5 and te_check["without_subject_max_abs_diff"] < 1e-5, te_check
 
+    def config(sched) -> dict:  # diffusers lists the defaulted keys from a set: sorted, for byte-stable files
+        c = dict(sched.config)
+        if "_use_default_values" in c:
+            c["_use_default_values"] = sorted(c["_use_default_values"])
+        return c
+
     sched_info = {
-        "pndm_config": dict(model._pndm_scheduler.config),
-        "ddim_config": dict(model._ddim_scheduler.config),
+        "pndm_config": config(model._pndm_scheduler),
+        "ddim_config": config(model._ddim_scheduler),
         "ddim_from_config_default_clip_sample": bool(ddim_default.config.clip_sample),
-        "lavis_own_pndm_property_config": dict(PNDMScheduler(beta_start=0.00085, beta_end=0.012,
-                                                             beta_schedule="scaled_linear", set_alpha_to_one=False,
-                                                             skip_prk_steps=True).config),
+        "lavis_own_pndm_property_config": config(PNDMScheduler(beta_start=0.00085, beta_end=0.012,
+                                                               beta_schedule="scaled_linear", set_alpha_to_one=False,
+                                                               skip_prk_steps=True)),
     }
     return model, te_check, sched_info
 
@@ -744,13 +750,8 @@ def run_lavis(ckpt_dir: Path, bert_vocab: Path, ref_png: Path, photo_png: Path, 
 # ----------------------------------------------------------------------------------------------
 def generate(out_dir: Path, lavis_dir: Path | None, lavis_git: Path, lavis_rev: str,
              torchvision_path: Path | None) -> tuple[dict, dict]:
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+    ckpt_dir = mg.start_run(out_dir, CKPT_NAME)
     tv_info = import_torchvision(torchvision_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out_dir / CKPT_NAME
-    if ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -368,8 +368,6 @@ def _sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
-@torch.no_grad()
-
 @contextlib.contextmanager
 def recorded_steps_and_decode(pipe, cap: dict):
     """Inside the block, every scheduler step appends (model output, timestep, prev_sample) to
@@ -392,6 +390,28 @@ def recorded_steps_and_decode(pipe, cap: dict):
         pipe.scheduler.step, pipe.vae.decode = orig_step, orig_decode
 
 
+def call_pipeline(pipe, ref_image, control_image=None):
+    """The reference pipeline on PIPE_INPUTS (with a condition image: the ControlNet pipeline);
+    its images."""
+    p = PIPE_INPUTS
+    args = [p["prompt"], ref_image] + ([control_image] if control_image is not None else [])
+    return pipe(
+        *args,
+        p["source_subject_category"],
+        p["target_subject_category"],
+        guidance_scale=p["guidance_scale"],
+        height=p["height"],
+        width=p["width"],
+        num_inference_steps=p["num_inference_steps"],
+        generator=torch.Generator(device="cpu").manual_seed(p["generator_seed"]),
+        neg_prompt=p["neg_prompt"],
+        prompt_strength=p["prompt_strength"],
+        prompt_reps=p["prompt_reps"],
+        output_type=p["output_type"],
+    ).images
+
+
+@torch.no_grad()
 def run_reference(ckpt_dir: Path, ref_png: Path, bert_vocab: Path, variant: str = "released"):
     if variant == "external":
         # qformer/config.json names the tokenizer folder relative to the checkpoint; the
@@ -428,26 +448,9 @@ def run_reference(ckpt_dir: Path, ref_png: Path, bert_vocab: Path, variant: str 
         lambda m, args, kwargs, out: cap["unet"].append((args, kwargs, out["sample"].clone())), with_kwargs=True))
 
     with recorded_steps_and_decode(pipe, cap):
-        generator = torch.Generator(device="cpu").manual_seed(p["generator_seed"])
-        out = pipe(
-            p["prompt"],
-            ref_image,
-            p["source_subject_category"],
-            p["target_subject_category"],
-            guidance_scale=p["guidance_scale"],
-            height=p["height"],
-            width=p["width"],
-            num_inference_steps=p["num_inference_steps"],
-            generator=generator,
-            neg_prompt=p["neg_prompt"],
-            prompt_strength=p["prompt_strength"],
-            prompt_reps=p["prompt_reps"],
-            output_type=p["output_type"],
-        )
+        image = call_pipeline(pipe, ref_image)
     for h in hooks:
         h.remove()
-
-    image = out.images
     assert isinstance(image, np.ndarray), type(image)
     assert image.shape == (1, p["height"], p["width"], 3), image.shape
     assert np.isfinite(image).all()
@@ -589,13 +592,20 @@ def _json_default(o):
     return str(o)
 
 
-def generate(out_dir: Path, variant: str = "released") -> dict[str, torch.Tensor]:
+def start_run(out_dir: Path, ckpt_name: str) -> Path:
+    """A golden script's set-up: single-threaded deterministic torch, the output folder, and
+    its checkpoint folder removed (save_pretrained writes it anew); returns that folder."""
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out_dir / CKPT_NAME
+    ckpt_dir = out_dir / ckpt_name
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
+    return ckpt_dir
+
+
+def generate(out_dir: Path, variant: str = "released") -> dict[str, torch.Tensor]:
+    ckpt_dir = start_run(out_dir, CKPT_NAME)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
