@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from components.core.errors import BlipDiffError
+from components.core.errors import BlipDiffError, NonFiniteError
 from components.core.io import atomic_path
 from components.model.blip_diffusion import SCHEDULERS, BlipDiffusion
 from components.model.controlnet import CANNY_HIGH, CANNY_LOW, check_control_type
@@ -646,12 +646,20 @@ def _run_batch(batch: Batch, gen, subjects: Subjects, controls: Controls, out: P
         if batch.controlled:  # one ControlNet: a condition image and a scale per image
             control = Control([control_pixels(maps, s.height, s.width)], [[i.job.control.scale for i in items]])
         t = time.perf_counter()
-        images = gen.generate(
-            torch.cat(embeds), [i.job.prompt for i in items], targets, [i.seed for i in items],
-            negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale, num_inference_steps=s.steps,
-            height=s.height, width=s.width, scheduler=s.scheduler, prompt_strength=s.prompt_strength,
-            prompt_reps=s.prompt_reps, control=control,
-        )
+        try:
+            images = gen.generate(
+                torch.cat(embeds), [i.job.prompt for i in items], targets, [i.seed for i in items],
+                negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale, num_inference_steps=s.steps,
+                height=s.height, width=s.width, scheduler=s.scheduler, prompt_strength=s.prompt_strength,
+                prompt_reps=s.prompt_reps, control=control,
+            )
+        except NonFiniteError as exc:  # no image of this batch is written; each of its rows is an error
+            log.error("batch %d: %s", batch.index, exc)
+            for item in items:
+                if not any(e["id"] == item.job.id for e in errors):
+                    errors.append({"id": item.job.id, "row": item.job.row, "error": f"batch {batch.index}: {exc}"})
+            items = []
+            images = []
         seconds = time.perf_counter() - t
         for item, source, target, image in zip(items, sources, targets, images):
             _write_png(image, out / item.name)

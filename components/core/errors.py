@@ -9,6 +9,23 @@ class ConfigError(BlipDiffError):
     """A bad key or value in params.yaml (or an override of it)."""
 
 
+class NonFiniteError(BlipDiffError):
+    """A network gave NaN or infinity (an fp16 overflow, a broken engine or checkpoint): the
+    images of that call are not written. `blipdiff batch` records the batch's rows as errors."""
+
+
+def check_finite(name: str, tensor) -> None:
+    """Raise NonFiniteError naming `name` and the rows (first axis) holding NaN or infinity."""
+    import torch
+
+    finite = torch.isfinite(tensor.reshape(len(tensor), -1)).all(dim=1) if tensor.dim() else torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    rows = torch.nonzero(~finite).flatten().tolist()
+    shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
+    raise NonFiniteError(f"{name} gave NaN or infinity in {len(rows)} of {len(tensor)} rows ({shown})")
+
+
 # --------------------------------------------------------------------- stage reports
 # A stage run that an orchestrator drives (flows/) writes what happened to it into
 # $BLIPDIFF_STAGE_REPORTS/<stage>.json: "running" when it starts, then "done" or "failed" with

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from components.core.errors import BlipDiffError
+from components.core.errors import BlipDiffError, check_finite
 from components.model.conditioning import encode_text, prompt_ids
 from components.model.controlnet import Control
 from components.model.controlnet import residuals as control_residuals
@@ -351,8 +351,12 @@ class BlipDiffusion:
 
     @staticmethod
     def decode(nets: Networks, latents: torch.Tensor) -> np.ndarray:
-        """Float images in [0, 1], (N, H, W, 3), of scaled latents."""
+        """Float images in [0, 1], (N, H, W, 3), of scaled latents. NaN or infinity in the
+        latents or the decoded images (before they are clamped, which would hide it as black or
+        white) raises NonFiniteError."""
+        check_finite("the denoising loop (UNet)", latents)
         image = nets.vae_decode(latents / nets.scaling_factor)
+        check_finite("the VAE decoder", image)
         return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
 
     def text_conditioning(self, nets: Networks, subject_embeds: torch.Tensor | None, built: list[str],
