@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Mapping
@@ -25,7 +26,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from components.core.errors import BlipDiffError
+from components.core.errors import BlipDiffError, check_finite
 from components.core.paths import ENGINES_DIR, EXPORT_FILE
 from components.export import tensorrt as trtx
 from components.export.graphs import CONTROL_GRAPHS, GRAPHS, SPECS, export_graphs, get_spec
@@ -312,13 +313,45 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
     return table[dtype]
 
 
+ALIGNMENT = 256  # bytes: TensorRT's requirement for every IO tensor address
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A fresh contiguous tensor whose first byte is ALIGNMENT-aligned, whatever the allocator
+    guarantees (CUDA's caching allocator: 512 bytes; the CPU one: 64)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    raw = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8, device=device)
+    offset = (-raw.data_ptr()) % ALIGNMENT
+    return raw[offset: offset + nbytes].view(dtype).view(shape)
+
+
+def device_memory_size(engine) -> int:
+    """The activation memory an execution context of `engine` needs (TensorRT 10.1+:
+    device_memory_size_v2; earlier: device_memory_size)."""
+    size = getattr(engine, "device_memory_size_v2", None)
+    return int(engine.device_memory_size if size is None else size)
+
+
 class TrtNetworks(_ExportedNetworks):
-    """TensorRT engines of an export (one per graph, one profile), run with torch CUDA tensors
-    as bindings on one CUDA stream. Inputs and outputs are fp32 (the fp16 graphs keep fp32 at
-    their edges); tensors on CUDA."""
+    """TensorRT engines of an export (one per graph, one profile), run with torch tensors as
+    bindings on one dedicated CUDA stream. Inputs and outputs are fp32 (the fp16 graphs keep
+    fp32 at their edges); tensors on `device` (CUDA; tests run the stand-in TensorRT runtime of
+    tests/helpers on "cpu").
+
+    As NVIDIA's demo/Diffusion does:
+    - the engines run one after another, so their execution contexts share one block of
+      activation memory, the largest any engine needs (contexts created USER_MANAGED);
+    - every enqueue binds fresh buffers, ALIGNMENT-aligned (a chunk of a larger call is
+      copied, never bound as a view into it), and a binding TensorRT refuses is an error:
+      `set_tensor_address` returning False keeps the previous address bound, which would
+      compute on stale memory in silence;
+    - the enqueue runs on the backend's own stream (never the legacy default stream), after
+      the stream that made the inputs.
+    A call larger than the engine's profile is split into profile-sized chunks; one smaller
+    than its minimum is padded with copies of its last row (rows are independent)."""
 
     def __init__(self, export_dir: Path, engine_dir: Path | None = None, profile: str | None = None,
-                 build: bool = False, workspace_gb: float = 8):
+                 build: bool = False, workspace_gb: float = 8, device: str = "cuda"):
         tensorrt_or_error()
         import tensorrt as trt
 
@@ -332,7 +365,7 @@ class TrtNetworks(_ExportedNetworks):
         info = trtx.device_info()
         self.profile, paths = select_engines(self.engine_dir, trt.__version__, info["compute_capability"], profile,
                                              self.graphs)
-        self.device, self.dtype = torch.device("cuda"), torch.float32
+        self.device, self.dtype = torch.device(device), torch.float32
         self.provider = f"TensorRT {trt.__version__} ({self.profile}, {trtx.sm_tag(info['compute_capability'])})"
         self.engines, self.contexts, self.io = {}, {}, {}
         logger = trt.Logger(trt.Logger.WARNING)
@@ -351,43 +384,69 @@ class TrtNetworks(_ExportedNetworks):
             self.io[graph] = {"inputs": {n: _torch_dtype(trt, engine.get_tensor_dtype(n)) for n in inputs},
                               "outputs": [(o, _torch_dtype(trt, engine.get_tensor_dtype(o))) for o in outputs],
                               "batch": (int(low[0]), int(high[0]))}
-            self.engines[graph], self.contexts[graph] = engine, engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-        log.info("TensorRT engines (%s) from %s", self.profile, self.engine_dir)
+            self.engines[graph] = engine
+        # one activation memory for all contexts: the engines never run at the same time
+        self.memory_sizes = {g: device_memory_size(e) for g, e in self.engines.items()}
+        self.device_memory = aligned_empty((max(self.memory_sizes.values(), default=0),), torch.uint8, self.device)
+        for graph, engine in self.engines.items():
+            context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if context is None:
+                raise BlipDiffError(f"{graph}: TensorRT could not create an execution context (see the log)")
+            ptr, size = self.device_memory.data_ptr(), self.memory_sizes[graph]
+            if hasattr(context, "set_device_memory"):  # TensorRT 10.1+
+                context.set_device_memory(ptr, size)
+            else:
+                context.device_memory = ptr
+            self.contexts[graph] = context
+        self.stream = torch.cuda.Stream(self.device)
+        log.info("TensorRT engines (%s) from %s; %.1f MiB of shared activation memory (%s)", self.profile,
+                 self.engine_dir, self.device_memory.numel() / 2**20,
+                 ", ".join(f"{g} {n / 2**20:.1f}" for g, n in self.memory_sizes.items()))
+
+    def _bind(self, graph: str, context, name: str, tensor: torch.Tensor) -> None:
+        ptr = tensor.data_ptr()
+        if ptr % ALIGNMENT or not context.set_tensor_address(name, ptr):
+            raise BlipDiffError(f"{graph}: TensorRT refused the address {ptr:#x} of {name} "
+                                f"({tuple(tensor.shape)} {tensor.dtype}; needs {ALIGNMENT}-byte alignment)")
 
     def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        """The graph's output; all of them, in order, for the controlnet graph."""
+        """The graph's output; all of them, in order, for the controlnet graph. NaN or
+        infinity in an output raises NonFiniteError naming the graph."""
         io, context = self.io[graph], self.contexts[graph]
         batch = len(next(iter(feeds.values())))
         outs = []
-        for start, stop, rows in chunks(batch, *io["batch"]):
-            part = {}
-            for key, tensor in feeds.items():
-                x = tensor[start:stop]
-                if rows > stop - start:  # below the profile's minimum: pad with copies of the last row
-                    x = torch.cat([x, x[-1:].expand(rows - (stop - start), *x.shape[1:])])
-                part[key] = x.to(self.device, io["inputs"][key]).contiguous()
-            shapes = output_shape(graph, {k: tuple(v.shape) for k, v in part.items()}, self.num_query, self.hidden,
-                                  self.text_length, self.vae_scale_factor, residuals=self.residuals)
-            shapes = shapes if isinstance(shapes, list) else [shapes]
-            buffers = [torch.empty(shape, dtype=dtype, device=self.device)
-                       for shape, (_, dtype) in zip(shapes, io["outputs"])]
-            for key, x in part.items():
-                if not context.set_input_shape(key, tuple(x.shape)):
-                    low, _, high = self.engines[graph].get_tensor_profile_shape(key, 0)
-                    raise BlipDiffError(f"{graph}: input {key} of shape {tuple(x.shape)} is outside the engine's "
-                                        f"profile {self.profile} ({tuple(low)} to {tuple(high)}); build engines for "
-                                        "this size (--trt-profile dynamic, --build-engines)")
-                context.set_tensor_address(key, x.data_ptr())
-            for (name, _), shape, out in zip(io["outputs"], shapes, buffers):
-                got = tuple(context.get_tensor_shape(name))
-                if -1 not in got and got != shape:
-                    raise BlipDiffError(f"{graph}: TensorRT gives {name} of shape {got}, expected {shape}")
-                context.set_tensor_address(name, out.data_ptr())
-            self.stream.wait_stream(torch.cuda.current_stream())  # the inputs were made on the current stream
-            if not context.execute_async_v3(self.stream.cuda_stream):
-                raise BlipDiffError(f"{graph}: TensorRT execution failed (see the log)")
-            self.stream.synchronize()  # the context and buffers are reused by the next chunk
-            outs.append([out[: stop - start] for out in buffers])
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the inputs were made there
+        with torch.cuda.stream(self.stream):
+            for start, stop, rows in chunks(batch, *io["batch"]):
+                part = {}
+                for key, tensor in feeds.items():  # a fresh, aligned copy: never a view into the caller's tensor
+                    x = aligned_empty((rows, *tensor.shape[1:]), io["inputs"][key], self.device)
+                    x[: stop - start].copy_(tensor[start:stop])
+                    if rows > stop - start:  # below the profile's minimum: copies of the last row
+                        x[stop - start:].copy_(tensor[stop - 1: stop].expand(rows - (stop - start), *tensor.shape[1:]))
+                    part[key] = x
+                shapes = output_shape(graph, {k: tuple(v.shape) for k, v in part.items()}, self.num_query,
+                                      self.hidden, self.text_length, self.vae_scale_factor, residuals=self.residuals)
+                shapes = shapes if isinstance(shapes, list) else [shapes]
+                buffers = [aligned_empty(shape, dtype, self.device) for shape, (_, dtype) in zip(shapes, io["outputs"])]
+                for key, x in part.items():
+                    if not context.set_input_shape(key, tuple(x.shape)):
+                        low, _, high = self.engines[graph].get_tensor_profile_shape(key, 0)
+                        raise BlipDiffError(f"{graph}: input {key} of shape {tuple(x.shape)} is outside the "
+                                            f"engine's profile {self.profile} ({tuple(low)} to {tuple(high)}); build "
+                                            "engines for this size (--trt-profile dynamic, --build-engines)")
+                    self._bind(graph, context, key, x)
+                for (name, _), shape, out in zip(io["outputs"], shapes, buffers):
+                    got = tuple(context.get_tensor_shape(name))
+                    if -1 not in got and got != shape:
+                        raise BlipDiffError(f"{graph}: TensorRT gives {name} of shape {got}, expected {shape}")
+                    self._bind(graph, context, name, out)
+                if not context.execute_async_v3(self.stream.cuda_stream):
+                    raise BlipDiffError(f"{graph}: TensorRT execution failed (see the log)")
+                # the context's shapes and addresses are rebound by the next chunk: wait for this one
+                self.stream.synchronize()
+                outs.append([out[: stop - start] for out in buffers])
         merged = [torch.cat(parts).to(torch.float32) for parts in zip(*outs)]
+        for name, value in zip((n for n, _ in io["outputs"]), merged):
+            check_finite(f"TensorRT {graph} ({name})", value)
         return merged if graph == "controlnet" else merged[0]

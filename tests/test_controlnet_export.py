@@ -97,9 +97,9 @@ def test_tensorrt_profiles_for_the_controlnet_graphs(export_dir):
     meta = json.loads((export_dir / "export.json").read_text())
     dims = trtx.ModelDims.from_export(meta)
     cn = trtx.profile_shapes("controlnet", "dynamic", **dims.as_kwargs())
-    assert cn["controlnet_cond"] == ((2, 3, 256, 256), (2, 3, 512, 512), (8, 3, 1024, 1024))
+    assert cn["controlnet_cond"] == ((1, 3, 256, 256), (16, 3, 512, 512), (16, 3, 1024, 1024))
     unet = trtx.profile_shapes("unet_control", "static512", **dims.as_kwargs())
-    assert unet["down_0"][1] == (2, 32, 256, 256) and unet["mid"][1] == (2, 64, 128, 128)
+    assert unet["down_0"][1] == (16, 32, 256, 256) and unet["mid"][1] == (16, 64, 128, 128)
 
 
 def test_tensorrt_engines_and_output_shapes_of_an_export_with_a_controlnet(tmp_path, export_dir):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import enum
 import json
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -15,53 +14,68 @@ import torch
 
 from components.core.errors import BlipDiffError
 from components.export import tensorrt as trtx
+from tests.helpers.fake_tensorrt import GRAPH_INPUTS, Flag, Flag11, make_fake_trt
 
 REPO = Path(__file__).resolve().parents[1]
 D = 768
 
-# each graph's inputs as the exporter writes them (-1: dynamic axis)
-GRAPH_INPUTS = {
-    "subject_encoder": {"pixel_values": (-1, 3, 224, 224), "input_ids": (-1, -1), "attention_mask": (-1, -1)},
-    "text_encoder": {"input_ids": (-1, 77), "subject_embeds": (-1, 16, D), "has_subject": (-1,)},
-    "unet": {"sample": (-1, 4, -1, -1), "timestep": (-1,), "encoder_hidden_states": (-1, 77, D)},
-    "vae_decoder": {"latents": (-1, 4, -1, -1)},
-}
 
 
 # ---------------------------------------------------------------- profiles
+def test_profiles_are_tuned_to_the_serving_batch_of_both_clis():
+    """opt (and max) at the rows `blipdiff batch` and `blipdiff generate` send by default: two
+    per image with guidance for the text encoder and the UNet, one for the VAE decoder."""
+    import argparse
+
+    from components.cli import batch, generate
+    from components.export.graphs import SERVING_BATCH
+
+    defaults = set()
+    for cli in (batch, generate):
+        parser = argparse.ArgumentParser()
+        cli.add_arguments(parser)
+        defaults.add(next(a.default for a in parser._actions if a.dest == "batch_size"))
+    assert defaults == {SERVING_BATCH}
+    images = SERVING_BATCH
+    for name in trtx.PROFILES:
+        for graph, rows in (("unet", 2 * images), ("text_encoder", 2 * images), ("vae_decoder", images)):
+            first = next(iter(trtx.profile_shapes(graph, name, hidden=32).values()))
+            assert (first[0][0], first[1][0], first[2][0]) == (1, rows, rows), (name, graph)
+
+
 def test_unet_profile_static512():
     shapes = trtx.profile_shapes("unet", "static512")
     assert shapes == {
-        "sample": ((2, 4, 64, 64), (2, 4, 64, 64), (8, 4, 64, 64)),
-        "timestep": ((2,), (2,), (8,)),
-        "encoder_hidden_states": ((2, 77, D), (2, 77, D), (8, 77, D)),
+        "sample": ((1, 4, 64, 64), (16, 4, 64, 64), (16, 4, 64, 64)),
+        "timestep": ((1,), (16,), (16,)),
+        "encoder_hidden_states": ((1, 77, D), (16, 77, D), (16, 77, D)),
     }
 
 
 def test_unet_and_vae_profile_dynamic():
     unet = trtx.profile_shapes("unet", "dynamic")
-    assert unet["sample"] == ((2, 4, 32, 32), (2, 4, 64, 64), (8, 4, 128, 128))
+    assert unet["sample"] == ((1, 4, 32, 32), (16, 4, 64, 64), (16, 4, 128, 128))
     vae = trtx.profile_shapes("vae_decoder", "dynamic")
-    assert vae == {"latents": ((1, 4, 32, 32), (1, 4, 64, 64), (4, 4, 128, 128))}
+    assert vae == {"latents": ((1, 4, 32, 32), (8, 4, 64, 64), (8, 4, 128, 128))}
     assert trtx.profile_shapes("vae_decoder", "static512") == {
-        "latents": ((1, 4, 64, 64), (1, 4, 64, 64), (4, 4, 64, 64))}
+        "latents": ((1, 4, 64, 64), (8, 4, 64, 64), (8, 4, 64, 64))}
 
 
 def test_text_and_subject_encoder_profiles_take_the_model_dims():
     text = trtx.profile_shapes("text_encoder", "static512", num_query=16, hidden=32)
     assert text == {
-        "input_ids": ((2, 77), (2, 77), (8, 77)),
-        "subject_embeds": ((2, 16, 32), (2, 16, 32), (8, 16, 32)),
-        "has_subject": ((2,), (2,), (8,)),
+        "input_ids": ((1, 77), (16, 77), (16, 77)),
+        "subject_embeds": ((1, 16, 32), (16, 16, 32), (16, 16, 32)),
+        "has_subject": ((1,), (16,), (16,)),
     }
     subject = trtx.profile_shapes("subject_encoder", "dynamic", subject_image_size=32)
     assert subject == {
-        "pixel_values": ((1, 3, 32, 32), (1, 3, 32, 32), (4, 3, 32, 32)),
-        "input_ids": ((1, 1), (1, 8), (4, 32)),
-        "attention_mask": ((1, 1), (1, 8), (4, 32)),
+        "pixel_values": ((1, 3, 32, 32), (4, 3, 32, 32), (8, 3, 32, 32)),
+        "input_ids": ((1, 1), (4, 8), (8, 32)),
+        "attention_mask": ((1, 1), (4, 8), (8, 32)),
     }
     # the tiny preset's latent factor 2: 512 px -> 256 latents
-    assert trtx.profile_shapes("unet", "static512", latent_factor=2)["sample"][2] == (8, 4, 256, 256)
+    assert trtx.profile_shapes("unet", "static512", latent_factor=2)["sample"][2] == (16, 4, 256, 256)
 
 
 def test_profile_errors_name_the_problem():
@@ -85,7 +99,7 @@ def test_model_dims_from_export_json():
     assert nested == trtx.ModelDims(latent_factor=2, num_query=4, hidden=32, subject_image_size=32, latent_multiple=2)
     with pytest.raises(BlipDiffError, match="not multiples of the UNet's 64"):
         trtx.profile_shapes("unet", "dynamic", latent_multiple=64)  # 256 px -> 32 latents
-    assert trtx.profile_shapes("unet", "dynamic", latent_multiple=8)["sample"][0] == (2, 4, 32, 32)
+    assert trtx.profile_shapes("unet", "dynamic", latent_multiple=8)["sample"][0] == (1, 4, 32, 32)
 
 
 def test_static_dims_must_match_the_profile():
@@ -161,125 +175,6 @@ def test_onnx_files_missing_is_a_clear_error(tmp_path):
 
 
 # ---------------------------------------------------------------- a stand-in tensorrt
-class Flag(enum.IntEnum):  # TensorRT 10's values
-    EXPLICIT_BATCH = 0
-    STRONGLY_TYPED = 1
-
-
-def make_fake_trt(version="10.13.0.35", graph_inputs=GRAPH_INPUTS, flags=Flag):
-    calls: list[tuple] = []
-    fake = types.ModuleType("tensorrt")
-    fake.__version__ = version
-    fake.calls = calls
-    fake.parser_errors = []
-    fake.fail_build = False
-    fake.NetworkDefinitionCreationFlag = flags
-    fake.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-
-    class Logger:
-        WARNING, INFO = "W", "I"
-
-        def __init__(self, severity=None):
-            self.severity = severity
-
-    class Network:
-        def __init__(self, flags):
-            self.flags, self.inputs = flags, []
-
-        @property
-        def num_inputs(self):
-            return len(self.inputs)
-
-        def get_input(self, i):
-            return self.inputs[i]
-
-    class Parser:
-        def __init__(self, network, logger):
-            self.network = network
-
-        def parse_from_file(self, path):
-            calls.append(("parse_from_file", path))
-            assert isinstance(path, str)
-            graph = Path(path).name.split(".")[0]
-            self.network.inputs = [types.SimpleNamespace(name=n, shape=s) for n, s in graph_inputs[graph].items()]
-            self.network.graph = graph
-            return not fake.parser_errors
-
-        @property
-        def num_errors(self):
-            return len(fake.parser_errors)
-
-        def get_error(self, i):
-            return fake.parser_errors[i]
-
-    class Cache:
-        def __init__(self, blob):
-            self.blob = bytes(blob)
-
-        def serialize(self):
-            return self.blob + b"+"
-
-    class Config:
-        def __init__(self):
-            self.profiles, self.cache = [], None
-
-        def set_memory_pool_limit(self, pool, size):
-            calls.append(("set_memory_pool_limit", pool, size))
-
-        def set_flag(self, flag):  # a strongly typed build sets none
-            calls.append(("set_flag", flag))
-
-        def create_timing_cache(self, blob):
-            calls.append(("create_timing_cache", bytes(blob)))
-            return Cache(blob)
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            calls.append(("set_timing_cache", ignore_mismatch))
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self):
-            return self.cache
-
-        def add_optimization_profile(self, profile):
-            self.profiles.append(profile)
-            return len(self.profiles) - 1
-
-    class OptimizationProfile:
-        def set_shape(self, name, mn, opt, mx):
-            calls.append(("set_shape", name, tuple(mn), tuple(opt), tuple(mx)))
-
-    class Builder:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def create_network(self, flags=0):
-            calls.append(("create_network", flags))
-            return Network(flags)
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return OptimizationProfile()
-
-        def build_serialized_network(self, network, config):
-            calls.append(("build", network.graph))
-            assert len(config.profiles) == 1
-            return None if fake.fail_build else b"PLAN|" + network.graph.encode()
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, data):
-            calls.append(("deserialize", bytes(data[:12])))
-            return types.SimpleNamespace(num_io_tensors=1) if bytes(data).startswith(b"PLAN|") else None
-
-    fake.Logger, fake.Builder, fake.OnnxParser, fake.Runtime = Logger, Builder, Parser, Runtime
-    return fake
-
-
 @pytest.fixture
 def fake_trt(monkeypatch):
     fake = make_fake_trt()
@@ -342,15 +237,17 @@ def test_build_engines_control_flow(fake_trt, export_dir, tmp_path):
     assert _calls(fake_trt, "set_timing_cache") == [("set_timing_cache", False)] * 4
 
     unet = out / "unet.trt10.13.0.sm90.static512.plan"
-    assert results[2]["path"] == str(unet) and unet.read_bytes() == b"PLAN|unet"
-    assert results[2]["size"] == len(b"PLAN|unet") and results[2]["reason"].startswith("no engine")
+    plan = json.loads(unet.read_bytes().removeprefix(b"PLAN|"))
+    assert results[2]["path"] == str(unet) and plan["graph"] == "unet"
+    assert plan["profile"]["sample"] == [list(s) for s in trtx.profile_shapes("unet", "static512")["sample"]]
+    assert results[2]["size"] == unet.stat().st_size and results[2]["reason"].startswith("no engine")
     meta = json.loads((out / (unet.name + ".json")).read_text())
     assert meta["onnx_sha256"] == {"unet.fp16.onnx": trtx.file_sha256(export_dir / "unet.fp16.onnx"),
                                    "unet.fp16.onnx.data": trtx.file_sha256(export_dir / "unet.fp16.onnx.data")}
     assert (meta["tensorrt_version"], meta["compute_capability"], meta["gpu_name"], meta["cuda_version"]) == \
         ("10.13.0.35", "sm90", "Fake H100", "12.8")
-    assert meta["profile"] == "static512" and meta["shapes"]["sample"] == [[2, 4, 64, 64], [2, 4, 64, 64],
-                                                                          [8, 4, 64, 64]]
+    assert meta["profile"] == "static512" and meta["shapes"]["sample"] == [[1, 4, 64, 64], [16, 4, 64, 64],
+                                                                          [16, 4, 64, 64]]
     assert meta["workspace_bytes"] == 2 << 30 and "built_at" in meta and "build_seconds" in meta
 
     # a second call reuses every engine after deserialising it, and builds nothing
@@ -381,7 +278,7 @@ def test_corrupted_engine_is_rebuilt_not_a_crash(fake_trt, export_dir, tmp_path,
         results = trtx.build_engines(export_dir, out, graphs=("unet",))
     assert results[0]["built"] and results[0]["reason"] == "the engine on disk failed to deserialise"
     assert "failed to deserialise" in caplog.text
-    assert _calls(fake_trt, "build") == [("build", "unet")] and unet.read_bytes() == b"PLAN|unet"
+    assert _calls(fake_trt, "build") == [("build", "unet")] and unet.read_bytes().startswith(b"PLAN|{")
 
 
 def test_load_engine_survives_an_exception(fake_trt, tmp_path, monkeypatch):
@@ -443,13 +340,30 @@ def test_timing_cache_of_another_version_is_not_loaded(fake_trt, export_dir, tmp
     assert [c[1] for c in _calls(fake_trt, "create_timing_cache")] == [b""]
 
 
-def test_network_flags_when_strongly_typed_is_gone(monkeypatch, export_dir, tmp_path, fake_trt):
-    class Later(enum.IntEnum):  # a TensorRT where strong typing is implicit and the flag removed
+def test_network_flags_of_tensorrt_11_and_later(monkeypatch, export_dir, tmp_path, fake_trt):
+    # TensorRT 11: every network strongly typed; STRONGLY_TYPED kept (value 0) and ignored
+    fake_trt.NetworkDefinitionCreationFlag = Flag11
+    trtx.build_engines(export_dir, tmp_path / "engines", graphs=("vae_decoder",))
+    assert _calls(fake_trt, "create_network") == [("create_network", 1 << int(Flag11.STRONGLY_TYPED))]
+
+    class Later(enum.IntEnum):  # a TensorRT where the flag is removed
         PREFER_JIT_PYTHON_PLUGINS = 2
 
     fake_trt.NetworkDefinitionCreationFlag = Later
-    trtx.build_engines(export_dir, tmp_path / "engines", graphs=("vae_decoder",))
+    fake_trt.calls.clear()
+    trtx.build_engines(export_dir, tmp_path / "engines", graphs=("vae_decoder",), force=True)
     assert _calls(fake_trt, "create_network") == [("create_network", 0)]
+
+
+def test_inconsistent_profiles_are_refused_before_tensorrt_sees_them(fake_trt):
+    with pytest.raises(BlipDiffError, match=r"'bad': batch of unet \(min, opt, max\) = \(4, 2, 8\)"):
+        trtx.Profile("bad", image=(512, 512, 512), batch={"unet": (4, 2, 8)})
+    with pytest.raises(BlipDiffError, match="image"):
+        trtx.Profile("bad", image=(512, 256, 1024), batch={})
+    # the stand-in's set_shape raises as TensorRT's does
+    profile = fake_trt.Builder(None).create_optimization_profile()
+    with pytest.raises(ValueError, match="does not hold"):
+        profile.set_shape("sample", (4, 4, 64, 64), (2, 4, 64, 64), (8, 4, 64, 64))
 
 
 # ---------------------------------------------------------------- real TensorRT on a GPU
@@ -509,7 +423,8 @@ def test_gpu_builds_runs_and_reuses_a_unet_engine(tmp_path):
         context.set_input_shape(name, tuple(tensor.shape))
         context.set_tensor_address(name, tensor.data_ptr())
     context.set_tensor_address("noise_pred", out.data_ptr())
-    stream = torch.cuda.current_stream()
+    stream = torch.cuda.Stream()  # TensorRT's own stream, never the legacy default one
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs were made there
     assert context.execute_async_v3(stream.cuda_stream)
     stream.synchronize()
     torch.testing.assert_close(out, 0.5 * inputs["sample"] + 3.0, atol=1e-2, rtol=1e-2)

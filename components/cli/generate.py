@@ -32,6 +32,7 @@ from components.core.errors import BlipDiffError
 from components.core.io import atomic_path
 from components.data.images import MAX_PIXELS, read_subject_images, save_png
 from components.model import controlnet, finetuned, layout, presets, sources
+from components.export.graphs import SERVING_BATCH
 from components.model.blip_diffusion import SCHEDULERS
 from components.model.device import DTYPES, placement
 from components.model.embeddings import load_embeddings, save_embeddings
@@ -101,7 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--width", type=int)
     gen.add_argument("--prompt-strength", type=float, default=1.0)
     gen.add_argument("--prompt-reps", type=int, default=20)
-    gen.add_argument("--batch-size", type=int, default=16, help="images per UNet batch")
+    gen.add_argument("--batch-size", type=int, default=SERVING_BATCH,
+                     help="images per UNet batch (default: the batch the TensorRT profiles are tuned to)")
     p.add_argument("--out", type=Path, required=True, help="output folder (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 

@@ -93,6 +93,16 @@ def residual_layout(config) -> tuple[tuple[int, int], ...]:
     return (*out, (channels[-1], factor))
 
 
+# The serving batch: images per UNet batch, the --batch-size default of `blipdiff generate` and
+# `blipdiff batch`, and what the TensorRT profiles are tuned to (their opt and max). With
+# classifier-free guidance the text encoder and the UNet (and the ControlNet pair) see two rows
+# per image, the VAE decoder one. A larger call runs in profile-sized chunks; min 1 lets a
+# smaller one (the last batch, guidance 1) run unpadded.
+SERVING_BATCH = 8
+GUIDED_ROWS = (1, 2 * SERVING_BATCH, 2 * SERVING_BATCH)
+SUBJECT_IMAGES = (1, 4, 8)  # the subject encoder's batch: one subject's reference images (DreamBench: 4 to 6)
+
+
 def residual_names(count: int) -> tuple[str, ...]:
     """`down_0`..`down_{count-2}`, `mid`: the ControlNet graph's outputs, the UNet graph's inputs."""
     return (*(f"down_{i}" for i in range(count - 1)), "mid")
@@ -335,7 +345,7 @@ SPECS: dict[str, GraphSpec] = {spec.name: spec for spec in (
         tolerance=1e-4,
         input_shapes={"pixel_values": ("batch", 3, "image_size", "image_size"),
                       "input_ids": ("batch", "subject_text"), "attention_mask": ("batch", "subject_text")},
-        engine_batch=(1, 1, 4),
+        engine_batch=SUBJECT_IMAGES,
     ),
     GraphSpec(
         name="text_encoder",
@@ -352,7 +362,7 @@ SPECS: dict[str, GraphSpec] = {spec.name: spec for spec in (
         tolerance=1e-4,
         input_shapes={"input_ids": ("batch", "text_length"), "subject_embeds": ("batch", "num_query", "hidden"),
                       "has_subject": ("batch",)},
-        engine_batch=(2, 2, 8),  # the prompt and the negative prompt (CFG), up to 4 images
+        engine_batch=GUIDED_ROWS,  # the prompts and the negative prompts (CFG)
     ),
     GraphSpec(
         name="unet",
@@ -369,7 +379,7 @@ SPECS: dict[str, GraphSpec] = {spec.name: spec for spec in (
         tolerance=1e-4,
         input_shapes={"sample": ("batch", "latent_channels", "latent_height", "latent_width"),
                       "timestep": ("batch",), "encoder_hidden_states": ("batch", "text_length", "hidden")},
-        engine_batch=(2, 2, 8),  # the CFG-doubled batch
+        engine_batch=GUIDED_ROWS,  # the CFG-doubled batch
         parity_cases=_unet_cases,
         # The sinusoidal timestep embedding: timestep (up to 999) x frequency in fp16 is off
         # by up to ~0.5 rad, so diffusers computes it in fp32 too.
@@ -387,7 +397,7 @@ SPECS: dict[str, GraphSpec] = {spec.name: spec for spec in (
                                           "image_width"],
         tolerance=3e-4,
         input_shapes={"latents": ("batch", "latent_channels", "latent_height", "latent_width")},
-        engine_batch=(1, 1, 4),
+        engine_batch=(1, SERVING_BATCH, SERVING_BATCH),
     ),
 )}
 GRAPHS = tuple(SPECS)

@@ -48,6 +48,14 @@ class Profile:
     batch: Mapping[str, Triple]
     subject_text: Triple = (1, 8, 32)
 
+    def __post_init__(self):
+        triples = {"image": self.image, "subject_text": self.subject_text,
+                   **{f"batch of {g}": t for g, t in self.batch.items()}}
+        for what, (low, opt, high) in triples.items():
+            if not 1 <= low <= opt <= high:
+                raise BlipDiffError(f"TensorRT profile {self.name!r}: {what} (min, opt, max) = {(low, opt, high)} "
+                                    "must satisfy 1 <= min <= opt <= max")
+
 
 # each graph's batch (min, opt, max): its spec's `engine_batch`
 PROFILES: dict[str, Profile] = {
