@@ -409,6 +409,73 @@ def test_resume_regenerates_whole_batches_only(model_dir, subjects, tmp_path):
     assert set(pd.read_parquet(out / "records.parquet")["batch_images"]) == {4}
 
 
+def test_a_non_finite_batch_is_error_rows_not_black_images(model_dir, subjects, tmp_path, monkeypatch):
+    """NaN from the VAE in one batch: that batch's rows are errors, none of its images is
+    written (a clamp would have made them black or white PNGs), the other batches go on."""
+    manifest = _manifest(tmp_path, subjects)
+    real, calls = TorchNetworks.vae_decode, []
+
+    def vae_decode(self, latents):
+        calls.append(len(latents))
+        images = real(self, latents)
+        if len(calls) == 2:  # the second batch: r1_1, r2_0, r2_1
+            images[1, 0, 0, 0] = float("nan")
+        return images
+
+    monkeypatch.setattr(TorchNetworks, "vae_decode", vae_decode)
+    out = tmp_path / "out"
+    assert _batch(out, manifest, model_dir, "--batch-size", "3") == 0
+    assert calls == [3, 3, 2]
+    assert sorted(_png_bytes(out)) == ["r0_0.png", "r0_1.png", "r1_0.png", "r3_0.png", "r3_1.png"]
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [e["id"] for e in errors] == ["r1", "r2"]
+    assert all("batch 1: the VAE decoder gave NaN or infinity in 1 of 3 rows (1)" == e["error"] for e in errors)
+    assert len(pd.read_parquet(out / "records.parquet")) == 5
+
+
+def test_tensorrt_backend_generates_on_the_stand_in_runtime(tiny, export_dir, subjects, tmp_path, monkeypatch):
+    """The whole sampler on TrtNetworks over the stand-in TensorRT (CPU tensors): engines built
+    from the export, chunked and padded calls, shared activation memory, the backend's stream;
+    the stand-in's engines compute simple row-wise functions, so the test checks the plumbing
+    (rows in order, batch-independence, finite images), not the model."""
+    import shutil
+    import sys as _sys
+
+    from serving.generator import serving_bundle
+    from tests.helpers import fake_tensorrt as ft
+
+    meta = json.loads((export_dir / "export.json").read_text())
+    export = tmp_path / "onnx"
+    shutil.copytree(export_dir, export)
+    for graph in trtx.GRAPHS:  # the stand-in parser reads names only
+        (export / f"{graph}.fp16.onnx").write_bytes(b"fp16 " + graph.encode())
+    dims = trtx.ModelDims.from_export(meta)
+    fake = ft.make_fake_trt("11.1.0.8", flags=ft.Flag11, graph_inputs=ft.graph_inputs_of(
+        dims.hidden, dims.num_query, dims.text_len, dims.subject_image_size),
+        dims={"num_query": dims.num_query, "hidden": dims.hidden, "vae_scale_factor": dims.latent_factor})
+    monkeypatch.setitem(_sys.modules, "tensorrt", fake)
+    ft.patch_cuda(monkeypatch)
+    monkeypatch.setattr(trtx, "device_info", lambda: {"compute_capability": (9, 0), "gpu_name": "Fake",
+                                                      "cuda_version": "13.0"})
+    small = trtx.Profile("ci", image=(16, 16, 32), subject_text=(1, 4, 16),
+                         batch={"subject_encoder": (1, 1, 2), "text_encoder": (2, 4, 4), "unet": (2, 4, 4),
+                                "vae_decoder": (1, 2, 2)})
+    trtx.build_engines(export, tmp_path / "tensorrt", profile=small, workspace_gb=1)
+    networks = backends.TrtNetworks(export, tmp_path / "tensorrt", "ci", device="cpu")
+    gen = Generator(serving_bundle(export, meta), networks, "tensorrt", networks.provider, str(export), "", 16)
+    images = [np.asarray(synthetic.generate(1, 1, 1, 64, seed=s)[0].image) for s in range(3)]
+    embeds = gen.subject_embeddings(images, "dog")  # 3 reference images: chunks of 2 and 1
+    prompts, seeds = ["in the snow", "on a beach", "in the rain"], [0, 1, 2]
+    together = gen.generate(embeds, prompts, "dog", seeds, **GEN)  # 6 UNet rows: 4 + 2
+    alone = np.concatenate([gen.generate(embeds, [p], "dog", [s], **GEN) for p, s in zip(prompts, seeds)])
+    assert together.shape == (3, 16, 16, 3) and np.isfinite(together).all()
+    np.testing.assert_allclose(together, alone, atol=1e-6)  # rows in order, whatever the chunks
+    assert len({together[i].tobytes() for i in range(3)}) == 3
+    executes = [c for c in fake.calls if c[0] == "execute"]
+    assert {c[1] for c in executes} == set(trtx.GRAPHS) and {c[2] for c in executes} == {networks.stream.cuda_stream}
+    assert {ctx.memory[0] for ctx in networks.contexts.values()} == {networks.device_memory.data_ptr()}
+
+
 def test_resume_after_sigkill_gives_the_bytes_of_an_uninterrupted_run(model_dir, subjects, tmp_path):
     manifest = _manifest(tmp_path, subjects)
 

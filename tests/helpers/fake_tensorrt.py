@@ -89,7 +89,7 @@ def reference(graph: str, feeds: dict[str, torch.Tensor], dims: dict) -> list[to
         base = f["input_ids"][:, :, None] * 1e-3 + torch.zeros(1, 1, dims["hidden"])
         return [base + (row_mean(f["subject_embeds"]) * f["has_subject"])[:, None, None]]
     if graph in ("unet", "unet_control"):
-        out = 0.5 * f["sample"] + (f["timestep"] + row_mean(f["encoder_hidden_states"]))[:, None, None, None]
+        out = 0.5 * f["sample"] + (1e-3 * f["timestep"] + row_mean(f["encoder_hidden_states"]))[:, None, None, None]
         if graph == "unet_control":
             names = [n for n in f if n.startswith("down_") or n == "mid"]
             out = out + sum(row_mean(f[n]) for n in names)[:, None, None, None]
