@@ -159,3 +159,15 @@ def test_export_stage_with_export_controlnet_and_the_torch_backend_of_it(tmp_pat
     with pytest.raises(Exception, match=r"export.controlnet: .*models/controlnet not found \(run `dvc repro controlnet`"):
         stage.run(Params(), root)
     assert not (root / "models/onnx").exists()
+
+
+def test_controlnet_graphs_export_attention_tensorrt_fuses(export_dir):
+    import onnx
+
+    from components.export import onnx_export
+
+    for name in ("controlnet", "unet_control"):
+        for suffix in (".onnx", ".fp16.onnx"):
+            pattern = onnx_export.attention_pattern(onnx.load(str(export_dir / f"{name}{suffix}")))
+            assert pattern["softmax"] > 0 and pattern["fusable"] == pattern["softmax"], (name, suffix, pattern)
+            assert pattern["softmax_with_casts"] == 0, (name, suffix, pattern)

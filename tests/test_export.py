@@ -218,6 +218,48 @@ def test_parity_gate_names_the_graph_that_differs(exported, monkeypatch):
         parity.gate(parity.check_parity(model, folder, {"text_encoder": fp32["text_encoder"]}))
 
 
+def test_attention_is_exported_in_the_pattern_tensorrt_fuses(exported):
+    """UNet and VAE: every Softmax is fed by a MatMul of Q and Kᵀ each multiplied by a constant
+    (pre-scaled, as torch's SDPA export writes it), and the fp16 graphs keep that Softmax in
+    fp16 (no Cast next to it, which the fusion would not cross). The unscaled Q·Kᵀ followed by
+    a Mul by the scale (diffusers' AttnProcessor), or an fp32 Softmax between Casts, fails."""
+    model, folder, graphs = exported
+    for name in ("unet", "vae_decoder"):
+        for suffix in (".onnx", ".fp16.onnx"):
+            pattern = onnx_export.attention_pattern(onnx.load(str(folder / f"{name}{suffix}")))
+            assert pattern["softmax"] > 0 and pattern["fusable"] == pattern["softmax"], (name, suffix, pattern)
+            assert pattern["softmax_with_casts"] == 0, (name, suffix, pattern)
+        assert "Softmax" not in graphs[name]["fp16"]["kept_fp32_ops"]
+    # the small encoders keep eager attention and an fp32 Softmax
+    assert "Softmax" in graphs["text_encoder"]["fp16"]["kept_fp32_ops"]
+    # the pattern check itself: diffusers' plain AttnProcessor (unscaled MatMul, then Mul) is not fusable
+    from diffusers.models.attention_processor import AttnProcessor
+
+    vae = copy.deepcopy(model.vae)
+    vae.set_attn_processor(AttnProcessor())
+    graph = SPECS["vae_decoder"].wrapper(vae, Dims.of(model)).eval()
+    path = folder.parent / "plain_vae.onnx"
+    with torch.no_grad():
+        torch.onnx.export(graph, (torch.randn(2, 4, 8, 8),), str(path), dynamo=False, opset_version=18,
+                          input_names=["latents"], output_names=["images"])
+    plain = onnx_export.attention_pattern(onnx.load(str(path)))
+    assert plain["softmax"] == 1 and plain["fusable"] == 0
+
+
+def test_fp16_graphs_are_gated_and_the_vae_sees_latents_at_its_scale(exported, monkeypatch):
+    model, folder, graphs = exported
+    latents = sample_inputs("vae_decoder", model, Dims.of(model), 8, torch.Generator().manual_seed(0))["latents"]
+    assert latents.std() == pytest.approx(1 / model.vae.config.scaling_factor, rel=0.1)
+    report = parity.check_parity(model, folder, {"vae_decoder": graphs["vae_decoder"]}, batch=3)
+    row = report["vae_decoder"]["fp16"]
+    assert row["tolerance"] == SPECS["vae_decoder"].fp16_tolerance and row["passed"] is True
+    assert 0 < row["max_abs_diff"] <= row["tolerance"]
+    parity.gate(report)
+    monkeypatch.setitem(SPECS, "vae_decoder", dataclasses.replace(SPECS["vae_decoder"], fp16_tolerance=1e-6))
+    with pytest.raises(BlipDiffError, match=r"vae_decoder \(fp16\): max abs diff .* > 1e-06"):
+        parity.gate(parity.check_parity(model, folder, {"vae_decoder": graphs["vae_decoder"]}, batch=3))
+
+
 def test_stage_fails_naming_the_graph_and_writes_nothing(tmp_path, model_folder, monkeypatch):
     root = _root(tmp_path, model_folder)
     _tolerance(monkeypatch, "text_encoder", 0.0)
@@ -333,7 +375,8 @@ def test_export_stage_end_to_end(tmp_path, model_folder):
         assert row["provider"] == "CPUExecutionProvider" and row["onnxruntime"] == onnxruntime.__version__
         assert row["size_bytes"] == (out / f"{name}.onnx").stat().st_size
         fp16 = parity["graphs"][name]["fp16"]
-        assert fp16["runnable"] is True and fp16["passed"] is None and fp16["tolerance"] is None  # reported, not gated
+        assert fp16["runnable"] is True and fp16["passed"] is True  # gated too
+        assert fp16["tolerance"] == SPECS[name].fp16_tolerance and fp16["max_abs_diff"] <= fp16["tolerance"]
         assert metrics[f"diff_{name}_max_abs"] == pytest.approx(row["max_abs_diff"], rel=1e-2)
         assert metrics[f"diff_{name}_fp16_max_abs"] < 2e-2
     written = json.loads((root / "metrics/export.json").read_text())
