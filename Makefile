@@ -1,5 +1,6 @@
 # make repro : set up .venv (first time or when the lock changes) and run the pipeline
 # make test  : set up .venv and run the test suite
+# make setup-gpu : .venv with the CUDA 13 GPU stack (constraints-gpu.txt, the gpu extra), then `blipdiff doctor`
 # make serve : Prefect server + deployments + a worker + MLflow server on 127.0.0.1 (Ctrl-C stops)
 # make system-deps : Debian packages for the browser and PostgreSQL tests (root; they skip without)
 # make samples : copy train_subject's sample grid (reports/samples/grid.png) to docs/img/samples_grid.png
@@ -25,6 +26,23 @@ $(BIN)/blipdiff: pyproject.toml constraints.txt
 	touch $@
 
 setup: $(BIN)/blipdiff
+
+# The GPU stack on a CUDA 13 machine (driver R580+): torch's CUDA build from PyTorch's cu130
+# index (constraints-gpu.txt refuses a +cpu wheel, installed or offered), cuDNN 9, TensorRT 10
+# whose libraries come from NVIDIA's index. Replaces an existing .venv's CPU torch in place.
+# docs/serving.md#dependencies
+.PHONY: setup-gpu
+setup-gpu:
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	if $(BIN)/python -m pip show -q onnxruntime >/dev/null 2>&1; then \
+		$(BIN)/python -m pip uninstall -q -y onnxruntime onnxruntime-gpu; fi
+	$(BIN)/python -m pip install -c constraints.txt -c constraints-gpu.txt \
+		--extra-index-url https://download.pytorch.org/whl/cu130 --extra-index-url https://pypi.nvidia.com \
+		-e '.[dev,gpu]'
+	touch $(BIN)/blipdiff
+	$(BIN)/blipdiff doctor
 
 repro: setup
 	. $(BIN)/activate && dvc repro
