@@ -1,5 +1,5 @@
 """`blipdiff`: one subcommand per pipeline stage (what dvc.yaml runs), plus `generate`, `edit`, `finetune`,
-`register`, `score` and `batch`.
+`register`, `score`, `batch` and `doctor`.
 
 A user error prints one line `blipdiff <command>: error: ...` and exits with status 2.
 Only the chosen subcommand's arguments are built, so `blipdiff ingest --help` imports no
@@ -26,6 +26,7 @@ TOOLS = {
     "register": "register a trained model folder in the MLflow registry (no retraining)",
     "score": "DINO, CLIP-I and CLIP-T of any generated images against real subject images",
     "batch": "batch generation from a manifest on torch, ONNX Runtime or TensorRT (resumable)",
+    "doctor": "check that the driver, torch, cuDNN, ONNX Runtime and TensorRT can use the GPU",
 }
 
 
@@ -51,6 +52,10 @@ def _tool(name: str):
         from components.cli import batch
 
         return batch
+    if name == "doctor":
+        from components.cli import doctor
+
+        return doctor
     from components.cli import finetune
 
     return finetune
