@@ -1,10 +1,19 @@
-"""Where the context stage's shards run: in its own process, or over a Dask cluster.
+"""Dask for blipdiff: a cluster to run on, and work mapped over it in order.
 
-`params.yaml` `dask:` (components.core.config.DaskConfig) chooses, and never changes the
-outputs, so no stage lists it in dvc.yaml:
+Two users share it: the context stage (its shards, `open_executor`) and `blipdiff batch`
+(its batches, serving/batch.py). `open_cluster` starts a `LocalCluster` of worker processes
+on loopback only, without a dashboard, quiet, closed on the way out (a `LocalCUDACluster`,
+one worker per GPU, where the caller runs on a GPU and dask-cuda is installed), or connects
+to an existing scheduler with a clear one-line error when none answers. `map_ordered` sends
+each item to the workers with one object every item needs (sent once per worker) and gives
+the results back in the items' order, at most a few per thread in flight, so the caller's
+memory does not grow with the work. An exception in a worker (a BlipDiffError included) is
+raised again in the caller as it is.
+
+The context stage: `params.yaml` `dask:` (components.core.config.DaskConfig) chooses, and
+never changes the outputs, so no stage lists it in dvc.yaml:
 - `workers: 0` (the default): in the stage's process, shard after shard, no Dask.
-- `workers: N`: a `LocalCluster` of N worker processes (`threads_per_worker` threads each),
-  on loopback only, without a dashboard, quiet, closed when the stage ends or fails.
+- `workers: N`: a `LocalCluster` of N worker processes (`threads_per_worker` threads each).
 - `address: tcp://host:8786` (or the environment variable BLIPDIFF_DASK_ADDRESS): an
   existing scheduler; overrides `workers`. Its workers need blipdiff installed (the same
   code) and the repository's files at the stage's path (a shared filesystem): they read the
@@ -13,9 +22,7 @@ outputs, so no stage lists it in dvc.yaml:
 
 Each shard is `components.context.generation.process_shard`, the same call as in-process;
 a worker builds CLIPSeg once per stage run (on its first shard that needs it), not per
-shard. Results come back in the stage's order, with at most a few shards per thread in
-flight, so the stage's memory does not grow with the dataset. An exception in a worker (a
-BlipDiffError included) is raised again in the stage as it is.
+shard.
 """
 
 from __future__ import annotations
@@ -23,20 +30,185 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from functools import cache
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from components.context.generation import ContextJob, Segmenters, ShardResult, SubjectImage, process_shard, run_serial
 from components.core.config import DaskConfig
 from components.core.errors import BlipDiffError
 
+if TYPE_CHECKING:
+    from components.context.generation import ContextJob, Segmenters, ShardResult, SubjectImage
+
+    Shards = list[list[SubjectImage]]
+
+log = logging.getLogger(__name__)
+
 ADDRESS_ENV = "BLIPDIFF_DASK_ADDRESS"
-SHARDS_PER_THREAD = 2  # in flight: enough to keep every thread busy, few enough to bound memory
+TASKS_PER_THREAD = 2  # in flight: enough to keep every thread busy, few enough to bound memory
+# How the context stage's errors name the address and the way back to running locally.
+CONTEXT_SETTING = "dask.address"
+CONTEXT_HINT = f"fix the address (or {ADDRESS_ENV}), or set dask.address: null to run locally"
 
-Shards = list[list[SubjectImage]]
+S = TypeVar("S")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
+# --------------------------------------------------------------------------- clusters
+@dataclass(frozen=True)
+class Cluster:
+    client: Any  # distributed.Client
+    name: str  # for the log: "on a Dask LocalCluster (2 workers, 2 threads)"
+    workers: int
+    threads: int  # all workers together
+    remote: bool  # an existing scheduler (not started here)
+
+    def map(self, fn: Callable[[S, T], R], shared: S, items: Iterable[T]) -> Iterator[R]:
+        """`fn(shared, item)` of each item on the workers, in the items' order (`map_ordered`)."""
+        return map_ordered(self.client, fn, shared, items, self.threads)
+
+
+@contextmanager
+def open_cluster(address: str | None, workers: int, threads_per_worker: int = 1, connect_timeout_s: float = 30.0,
+                 *, setting: str = CONTEXT_SETTING, hint: str = CONTEXT_HINT, gpu: bool = False,
+                 worker_env: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """The scheduler at `address` (`setting` and `hint` name it and the way back to running
+    locally in the errors), or else a local cluster of `workers` processes, closed on the way
+    out. `gpu`: the work runs on a GPU, so a `LocalCUDACluster` (one worker per GPU, at most
+    `workers`) where dask-cuda is installed and a GPU is visible. `worker_env`: environment
+    variables of a local cluster's workers."""
+    import distributed  # noqa: F401  (first: its import sets its loggers' levels, which _quiet changes)
+
+    with _quiet("distributed"), _cluster(address, workers, threads_per_worker, connect_timeout_s, setting, hint,
+                                         gpu, worker_env) as cluster:
+        yield cluster
+
+
+@contextmanager
+def _quiet(logger_name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Dask's scheduler, nanny and client log every step at INFO through the caller's handlers
+    (LocalCluster's silence_logs only reaches Dask's own handlers): keep its errors only."""
+    logger = logging.getLogger(logger_name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+@contextmanager
+def _cluster(address: str | None, workers: int, threads_per_worker: int, connect_timeout_s: float, setting: str,
+             hint: str, gpu: bool, worker_env: dict[str, str] | None) -> Iterator[Cluster]:
+    from distributed import Client
+
+    if address is not None:
+        with _connect(address, connect_timeout_s, setting, hint) as client:
+            nthreads = client.nthreads()
+            workers, threads = len(nthreads), sum(nthreads.values())
+            yield Cluster(client, f"on the Dask cluster at {address} ({_size(workers, threads)})", workers, threads,
+                          True)
+        return
+    # Loopback only, no dashboard; the scheduler's plain HTTP endpoints (health, metrics) on a
+    # free loopback port rather than 8787, which another cluster may hold. Workers stay silent:
+    # a task's exception comes back to the caller, which raises it; their log would repeat it.
+    options: dict[str, Any] = {"threads_per_worker": threads_per_worker, "host": "127.0.0.1",
+                               "dashboard_address": None, "silence_logs": logging.CRITICAL,
+                               "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}
+    if worker_env:
+        options["env"] = worker_env
+    gpus = _gpus() if gpu else 0
+    if gpus:
+        from dask_cuda import LocalCUDACluster
+
+        if workers > gpus:
+            log.warning("%d Dask workers asked for, %d GPUs: %d workers, one per GPU", workers, gpus, gpus)
+        workers, kind = min(workers, gpus), "LocalCUDACluster"
+        cluster = LocalCUDACluster(n_workers=workers, **options)
+    else:
+        from distributed import LocalCluster
+
+        kind = "LocalCluster"
+        cluster = LocalCluster(n_workers=workers, processes=True, **options)
+    with cluster, Client(cluster, set_as_default=False) as client:
+        threads = workers * threads_per_worker
+        yield Cluster(client, f"on a Dask {kind} ({_size(workers, threads)})", workers, threads, False)
+
+
+def _gpus() -> int:
+    """The GPUs a LocalCUDACluster would give a worker each: none without dask-cuda."""
+    try:
+        import dask_cuda  # noqa: F401
+    except ImportError:
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _size(workers: int, threads: int) -> str:
+    return f"{workers} worker{'s' * (workers != 1)}, {threads} thread{'s' * (threads != 1)}"
+
+
+def _connect(address: str, timeout_s: float, setting: str = CONTEXT_SETTING, hint: str = CONTEXT_HINT):
+    from distributed import Client
+    from distributed.comm import parse_address
+    from distributed.comm.registry import get_backend
+
+    try:
+        get_backend(parse_address(address)[0])  # an unknown scheme
+        client = Client(address, timeout=timeout_s, set_as_default=False)
+    except ValueError as exc:  # a missing or bad port, an unknown scheme
+        raise BlipDiffError(f"{setting} {address}: not a Dask scheduler address ({exc}); give tcp://HOST:PORT") \
+            from None
+    except (OSError, TimeoutError) as exc:
+        raise BlipDiffError(
+            f"{setting} {address}: no Dask scheduler answered within {timeout_s:g} s "
+            f"({type(exc).__name__}); start one (`dask scheduler`), {hint}"
+        ) from None
+    try:
+        client.wait_for_workers(1, timeout=timeout_s)
+    except (OSError, TimeoutError):
+        client.close()
+        raise BlipDiffError(f"{setting} {address}: the scheduler has no workers after {timeout_s:g} s "
+                            "(start some with `dask worker " + address + "`)") from None
+    return client
+
+
+def map_ordered(client, fn: Callable[[S, T], R], shared: S, items: Iterable[T], threads: int) -> Iterator[R]:
+    """`fn(shared, item)` of each item on the workers, the results in the items' order;
+    `shared` is sent once to each worker. At most TASKS_PER_THREAD items per thread (at least
+    4) are in flight; pending ones are cancelled if the caller stops early (an error) or an
+    item fails, whose exception is raised here as it is."""
+    shared_on_workers = client.scatter(shared, broadcast=True, hash=False)  # sent once per worker
+    window = max(4, TASKS_PER_THREAD * threads)
+    remaining = iter(items)
+    pending: deque = deque()
+
+    def submit(item: T) -> None:
+        pending.append(client.submit(fn, shared_on_workers, item, pure=False))
+
+    try:
+        for item in remaining:
+            submit(item)
+            if len(pending) >= window:
+                break
+        while pending:
+            result = pending.popleft().result()  # re-raises a worker's exception here
+            item = next(remaining, None)
+            if item is not None:
+                submit(item)
+            yield result
+    finally:
+        if pending:
+            client.cancel(list(pending))
+        client.cancel([shared_on_workers])
+
+
+# --------------------------------------------------------------------------- the context stage
 @dataclass(frozen=True)
 class Executor:
     name: str  # where the shards ran, for the log: "in this process", "on a Dask LocalCluster (...)"
@@ -55,105 +227,24 @@ def open_executor(cfg: DaskConfig) -> Iterator[Executor]:
     """The executor `cfg` asks for; a cluster started here is closed on the way out."""
     address = scheduler_address(cfg)
     if address is None and cfg.workers == 0:
+        from components.context.generation import run_serial
+
         yield Executor("in this process", 0, 0, False, run_serial)
         return
-    import distributed  # noqa: F401  (first: its import sets its loggers' levels, which _quiet changes)
-
-    with _quiet("distributed"), _cluster(cfg, address) as executor:
-        yield executor
-
-
-@contextmanager
-def _quiet(logger_name: str, level: int = logging.ERROR) -> Iterator[None]:
-    """Dask's scheduler, nanny and client log every step at INFO through the stage's handlers
-    (LocalCluster's silence_logs only reaches Dask's own handlers): keep its errors only."""
-    logger = logging.getLogger(logger_name)
-    previous = logger.level
-    logger.setLevel(level)
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
+    with open_cluster(address, cfg.workers, cfg.threads_per_worker, cfg.connect_timeout_s) as cluster:
+        yield Executor(cluster.name, cluster.workers, cluster.threads, cluster.remote,
+                       lambda job, shards: cluster.map(_run_shard, job, shards))
 
 
-@contextmanager
-def _cluster(cfg: DaskConfig, address: str | None) -> Iterator[Executor]:
-    from distributed import Client, LocalCluster
+@cache
+def _worker_segmenters() -> Segmenters:
+    """In a worker process: its CLIPSeg, built on its first shard of a stage run that needs one."""
+    from components.context.generation import Segmenters
 
-    if address is not None:
-        client = _connect(address, cfg.connect_timeout_s)
-        with client:
-            workers, threads = len(client.nthreads()), sum(client.nthreads().values())
-            yield Executor(f"on the Dask cluster at {address} ({_size(workers, threads)})", workers, threads, True,
-                           lambda job, shards: _map(client, job, shards, threads))
-        return
-    # Loopback only, no dashboard; the scheduler's plain HTTP endpoints (health, metrics) on a
-    # free loopback port rather than 8787, which another cluster may hold. Workers stay silent:
-    # a shard's exception comes back to the stage, which raises it; their log would repeat it.
-    with LocalCluster(n_workers=cfg.workers, threads_per_worker=cfg.threads_per_worker, processes=True,
-                      host="127.0.0.1", dashboard_address=None, silence_logs=logging.CRITICAL,
-                      scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster, \
-            Client(cluster, set_as_default=False) as client:
-        threads = cfg.workers * cfg.threads_per_worker
-        yield Executor(f"on a Dask LocalCluster ({_size(cfg.workers, threads)})", cfg.workers, threads, False,
-                       lambda job, shards: _map(client, job, shards, threads))
-
-
-def _size(workers: int, threads: int) -> str:
-    return f"{workers} worker{'s' * (workers != 1)}, {threads} thread{'s' * (threads != 1)}"
-
-
-def _connect(address: str, timeout_s: float):
-    from distributed import Client
-
-    try:
-        client = Client(address, timeout=timeout_s, set_as_default=False)
-    except (OSError, TimeoutError) as exc:
-        raise BlipDiffError(
-            f"dask.address {address}: no Dask scheduler answered within {timeout_s:g} s "
-            f"({type(exc).__name__}); start one (`dask scheduler`), fix the address "
-            f"(or {ADDRESS_ENV}), or set dask.address: null to run locally"
-        ) from None
-    try:
-        client.wait_for_workers(1, timeout=timeout_s)
-    except (OSError, TimeoutError):
-        client.close()
-        raise BlipDiffError(f"dask.address {address}: the scheduler has no workers after {timeout_s:g} s "
-                            "(start some with `dask worker " + address + "`)") from None
-    return client
-
-
-def _map(client, job: ContextJob, shards: Shards, threads: int) -> Iterator[ShardResult]:
-    """Each shard's result in the shards' order; pending shards are cancelled if the caller
-    stops early (an error) or a shard fails."""
-    job_on_workers = client.scatter(job, broadcast=True, hash=False)  # sent once per worker
-    window = max(4, SHARDS_PER_THREAD * threads)
-    remaining = iter(shards)
-    pending: deque = deque()
-
-    def submit(shard: list[SubjectImage]) -> None:
-        pending.append(client.submit(_run_shard, job_on_workers, shard, pure=False))
-
-    try:
-        for shard in remaining:
-            submit(shard)
-            if len(pending) >= window:
-                break
-        while pending:
-            result = pending.popleft().result()  # re-raises a worker's exception here
-            shard = next(remaining, None)
-            if shard is not None:
-                submit(shard)
-            yield result
-    finally:
-        if pending:
-            client.cancel(list(pending))
-        client.cancel([job_on_workers])
-
-
-# In a worker process: its CLIPSeg, built on its first shard of a stage run that needs one.
-_WORKER_SEGMENTERS = Segmenters()
+    return Segmenters()
 
 
 def _run_shard(job: ContextJob, shard: list[SubjectImage]) -> ShardResult:
-    return process_shard(job, shard, _WORKER_SEGMENTERS.get)
+    from components.context.generation import process_shard
+
+    return process_shard(job, shard, _worker_segmenters().get)
