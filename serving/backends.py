@@ -8,7 +8,8 @@ itself (tokenization, scheduler, guidance, seeded latents, VAE scaling) is
 
 - `TorchNetworks(model)`: the bundle's own modules (the model's default).
 - `OrtNetworks(export_dir)`: the export's ONNX graphs in ONNX Runtime sessions; the fp32
-  graphs, or the fp16 ones (fp32 inputs and outputs) when running on CUDA.
+  graphs, or the fp16 ones (fp32 inputs and outputs) when running on CUDA, where inputs and
+  outputs stay torch CUDA tensors (IO binding).
 - `TrtNetworks(export_dir, engine_dir)`: TensorRT engines built from the fp16 graphs
   (`components.export.tensorrt`), bound to torch CUDA tensors and run on one CUDA stream.
   A call larger than the engine's optimisation profile is split, a smaller one padded.
@@ -109,6 +110,8 @@ class _ExportedNetworks:
 # ------------------------------------------------------------------ ONNX Runtime
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
+_TORCH_TYPES = {np.float32: torch.float32, np.float16: torch.float16, np.int64: torch.int64, np.int32: torch.int32,
+                np.bool_: torch.bool, np.float64: torch.float64}
 
 
 # What onnxruntime-gpu 1.31's CUDA provider loads (CUDA 13, cuDNN 9): named when it cannot run.
@@ -139,7 +142,8 @@ def default_providers() -> list[str]:
 
 class OrtNetworks(_ExportedNetworks):
     """The four graphs of an export folder in ONNX Runtime sessions. Inputs and outputs are
-    CPU torch tensors (fp32 graphs, or fp16 graphs that keep fp32 inputs and outputs).
+    torch tensors (fp32 graphs, or fp16 graphs that keep fp32 inputs and outputs): on the CPU,
+    or on CUDA when the CUDA provider runs and torch has CUDA, bound by address (IO binding).
 
     `precision`: "fp32", "fp16", or "auto" (fp16 when the CUDA provider runs and the export
     has fp16 graphs), decided from the providers a session actually runs on. onnxruntime-gpu
@@ -147,7 +151,8 @@ class OrtNetworks(_ExportedNetworks):
     only in its log: when CUDA was asked for (or defaulted to) and is not what runs, this
     stops with one line naming the libraries that are missing. `provider` is what runs."""
 
-    def __init__(self, export_dir: Path, providers: list[str] | None = None, precision: str = "auto"):
+    def __init__(self, export_dir: Path, providers: list[str] | None = None, precision: str = "auto",
+                 io_binding: bool | None = None):
         import onnxruntime as ort
 
         self.export_dir = Path(export_dir)
@@ -181,8 +186,15 @@ class OrtNetworks(_ExportedNetworks):
             except Exception as exc:
                 raise BlipDiffError(f"ONNX Runtime could not load {path}: {str(exc).splitlines()[0][:300]}") from None
         self.provider = self.sessions["unet"].get_providers()[0]
-        self._types = {g: {i.name: _ORT_TYPES.get(i.type, np.float32) for i in s.get_inputs()}
+        self._types = {g: {i.name: _ORT_TYPES.get(i.type, np.float32) for i in [*s.get_inputs(), *s.get_outputs()]}
                        for g, s in self.sessions.items()}
+        # On CUDA, inputs and outputs stay torch CUDA tensors bound by address (IO binding): no
+        # host round trip per step, and the text embeddings, the same every step, are never
+        # copied. Needs torch with CUDA; `io_binding=True` binds CPU tensors the same way.
+        on_cuda = self.provider == "CUDAExecutionProvider" and torch.cuda.is_available()
+        self.io_binding = on_cuda if io_binding is None else bool(io_binding)
+        if on_cuda and self.io_binding:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         log.info("ONNX Runtime %s: %s graphs of %s on %s", ort.__version__, precision, self.export_dir, self.provider)
 
     def _active_providers(self, ort, options, requested: list[str]) -> list[str]:
@@ -206,13 +218,41 @@ class OrtNetworks(_ExportedNetworks):
         return active
 
     def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        """The graph's output; all of them, in order, for the controlnet graph."""
+        """The graph's output; all of them, in order, for the controlnet graph. NaN or
+        infinity in an output raises NonFiniteError naming the graph."""
+        names = list(self.residual_names) if graph == "controlnet" else [OUTPUTS[graph]]
+        outs = self._run_bound(graph, feeds, names) if self.io_binding else self._run_arrays(graph, feeds, names)
+        for name, value in zip(names, outs):
+            check_finite(f"ONNX Runtime {graph} ({name})", value)
+        return outs if graph == "controlnet" else outs[0]
+
+    def _run_arrays(self, graph: str, feeds: Mapping[str, torch.Tensor], names: list[str]) -> list[torch.Tensor]:
         types = self._types[graph]
         arrays = {name: np.ascontiguousarray(t.detach().cpu().numpy(), dtype=types[name]) for name, t in feeds.items()}
-        if graph == "controlnet":
-            return [torch.from_numpy(o).to(torch.float32) for o in self.sessions[graph].run(None, arrays)]
-        out = self.sessions[graph].run([OUTPUTS[graph]], arrays)[0]
-        return torch.from_numpy(out).to(torch.float32)
+        return [torch.from_numpy(o).to(torch.float32) for o in self.sessions[graph].run(names, arrays)]
+
+    def _run_bound(self, graph: str, feeds: Mapping[str, torch.Tensor], names: list[str]) -> list[torch.Tensor]:
+        """The graph run on torch tensors of `self.device`, bound by address: inputs as they
+        are (cast only where the graph's type differs), outputs into tensors made here."""
+        session, types = self.sessions[graph], self._types[graph]
+        kind, index = ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)
+        binding = session.io_binding()
+        bound = []  # kept alive until the run ends
+        for name, tensor in feeds.items():
+            x = tensor.detach().to(self.device, _TORCH_TYPES[types[name]]).contiguous()
+            bound.append(x)
+            binding.bind_input(name, kind, index, types[name], tuple(x.shape), x.data_ptr())
+        shapes = output_shape(graph, {k: tuple(v.shape) for k, v in feeds.items()}, self.num_query, self.hidden,
+                              self.text_length, self.vae_scale_factor, residuals=self.residuals)
+        outs = [torch.empty(shape, dtype=_TORCH_TYPES[types[name]], device=self.device)
+                for name, shape in zip(names, shapes if isinstance(shapes, list) else [shapes])]
+        for name, out in zip(names, outs):
+            binding.bind_output(name, kind, index, types[name], tuple(out.shape), out.data_ptr())
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the inputs are written before ORT's stream reads
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return [out.to(torch.float32) for out in outs]
 
 
 # ------------------------------------------------------------------ TensorRT

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
-from components.core.errors import BlipDiffError
+from components.core.errors import BlipDiffError, NonFiniteError
 from components.data import synthetic
 from components.data.images import save_png
 from components.export import onnx_export
@@ -533,3 +533,31 @@ def test_onnxruntime_cuda_that_falls_back_to_the_cpu_is_an_error(export_dir, mon
     assert nets.provider == "CPUExecutionProvider" and nets.precision == "fp32"
     monkeypatch.undo()
     assert set(backends.missing_cuda_libraries(("libc.so.6", "libnot-a-library.so.1"))) == {"libnot-a-library.so.1"}
+
+
+def test_onnxruntime_io_binding_runs_on_torch_tensors_without_session_run(export_dir, tiny, subjects, monkeypatch):
+    """IO binding (what OrtNetworks does on CUDA, here bound to CPU tensors: the same code with
+    device type "cpu"): the same images as the array path, and no `session.run` at all, so no
+    input goes through numpy; an output with NaN is an error naming the graph."""
+    import onnxruntime as ort
+
+    plain = backends.OrtNetworks(export_dir, ["CPUExecutionProvider"])
+    bound = backends.OrtNetworks(export_dir, ["CPUExecutionProvider"], io_binding=True)
+    assert not plain.io_binding and bound.io_binding and bound.device.type == "cpu"
+    embeds = _embeds(tiny, subjects)
+    meta = json.loads((export_dir / "export.json").read_text())
+    from serving.generator import serving_bundle
+
+    bundle = serving_bundle(export_dir, meta)
+    expected = bundle.generate(embeds, ["in the snow", "on a beach"], "dog", [0, 1], networks=plain, **GEN)
+    runs, binds = [], []
+    real_bind = ort.IOBinding.bind_input
+    monkeypatch.setattr(ort.InferenceSession, "run", lambda self, *a, **k: runs.append(a) or pytest.fail("run"))
+    monkeypatch.setattr(ort.IOBinding, "bind_input", lambda self, name, kind, *a: binds.append((name, kind)) or
+                        real_bind(self, name, kind, *a))
+    got = bundle.generate(embeds, ["in the snow", "on a beach"], "dog", [0, 1], networks=bound, **GEN)
+    assert runs == [] and {kind for _, kind in binds} == {"cpu"}
+    assert {name for name, _ in binds} >= {"sample", "timestep", "encoder_hidden_states", "latents"}
+    np.testing.assert_array_equal(got, expected)
+    with pytest.raises(NonFiniteError, match=r"ONNX Runtime unet \(noise_pred\) gave NaN"):
+        bound.unet(torch.full((2, 4, 8, 8), float("nan")), torch.tensor(10.0), torch.zeros(2, 77, bound.hidden))
