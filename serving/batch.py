@@ -31,20 +31,34 @@ killed mid-batch and re-run gives the bytes of an uninterrupted run.
 Outputs: `images/<id>_<k>.png`, `records.parquet` (every input of every image, the control
 image with its sha256 and settings included, backend, provider, model hash, seconds of its
 batch), `errors.jsonl`, `batches.jsonl`.
+
+Where batches are made: in this process (the default), or over a Dask cluster (`dask`: a
+LocalCluster of worker processes, or an existing scheduler; components.context.distributed).
+Either way a batch is made in two parts: `compute_batch` (subject embeddings, control maps,
+the generator; the images' PNG bytes, records and error rows, no file written) where it runs,
+then `write_batch` here alone, in plan order (the images atomically, then the journal entry),
+so the outputs are the same bytes. A worker loads the generator once (`GeneratorSpec`, sent
+to it; kept for the next batches and runs), not per batch; the driver loads no model and
+plans with the description of a worker's. A worker's exception is raised here as it is.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import re
+import threading
 import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -52,6 +66,9 @@ from components.core.errors import BlipDiffError, NonFiniteError
 from components.core.io import atomic_path
 from components.model.blip_diffusion import SCHEDULERS, BlipDiffusion
 from components.model.controlnet import CANNY_HIGH, CANNY_LOW, check_control_type
+
+if TYPE_CHECKING:
+    from components.core.config import DaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -486,11 +503,18 @@ def no_controlnet_error(num_controlnets: int) -> str | None:
 
 
 # ---------------------------------------------------------------------- outputs
-def _write_png(image: np.ndarray, path: Path) -> None:
+def _encode_png(image: np.ndarray) -> bytes:
+    """An HxWx3 image in [0, 1] as the PNG bytes the batch writes."""
     from components.data.images import save_png
 
+    buffer = io.BytesIO()
+    save_png((image * 255).round().astype("uint8"), buffer)  # fixed settings: the same pixels give the same bytes
+    return buffer.getvalue()
+
+
+def _write_png(png: bytes, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_png((image * 255).round().astype("uint8"), tmp)
+    tmp.write_bytes(png)
     os.replace(tmp, path)
 
 
@@ -547,9 +571,13 @@ class Summary:
 
 def run(manifest: Path, out: Path, load_generator: Callable[[], Any], defaults: Sampler, batch_size: int = 8,
         seed: int = 0, max_image_pixels: int | None = None, progress: bool = True,
-        control_defaults: ControlDefaults | None = None) -> Summary:
+        control_defaults: ControlDefaults | None = None, dask: DaskConfig | None = None,
+        dask_setting: str = "--dask-address") -> Summary:
     """Generate every image of `manifest` into `out` (see the module doc). `load_generator` is
-    called once the manifest has been checked."""
+    called once the manifest has been checked. `dask`: make the batches on the scheduler at
+    `dask.address` (`dask_setting` names where it came from in errors), or else on a local
+    cluster of `dask.workers` processes; `load_generator` must then be a GeneratorSpec. None
+    (or no address and 0 workers): in this process, without Dask."""
     from components.data.images import MAX_PIXELS
 
     if batch_size < 1:
@@ -558,42 +586,27 @@ def run(manifest: Path, out: Path, load_generator: Callable[[], Any], defaults: 
     log.info("%s: %d rows, %d images; %d bad rows", manifest, len(jobs) + len(static_errors),
              sum(j.num_images for j in jobs), len(static_errors))
     start = time.perf_counter()
-    gen = load_generator()
-    if not gen.native_size and any(j.sampler.height is None or j.sampler.width is None for j in jobs):
-        raise BlipDiffError("the model does not record its native size: give --height and --width")
-    info = gen.describe()
-    model_key = json.dumps({k: info[k] for k in ("backend", "provider", "model_hash")}, sort_keys=True)
-    batches = plan(jobs, batch_size, gen.native_size, model_key)
-    out = Path(out)
-    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
-    for stale in (out / IMAGES_DIR).glob(".*.tmp"):  # an image cut by a kill
-        stale.unlink(missing_ok=True)
-    journal = read_journal(out)
-    todo = [b for b in batches if not _done(journal.get(b.key), out)]
-    total = sum(len(b.items) for b in batches)
-    todo_keys = {b.key for b in todo}
-    skipped = sum(len(journal[b.key]["records"]) for b in batches if b.key not in todo_keys)
-    if skipped:
-        log.info("%s: %d of %d images already done (batches.jsonl): %d batches to run", out, skipped, total, len(todo))
-    subjects = Subjects(gen, max_image_pixels or MAX_PIXELS)
-    controls = Controls(max_image_pixels or MAX_PIXELS)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(len(b.items) for b in todo), unit="img", desc="batch", dynamic_ncols=True)
-    generated = 0
-    try:
-        for batch in todo:
-            journal[batch.key] = _run_batch(batch, gen, subjects, controls, out, info)
-            _append_journal(out, journal[batch.key])
-            generated += len(journal[batch.key]["records"])
-            if bar is not None:
-                bar.update(len(batch.items))
-                bar.set_postfix(batch=f"{batch.index + 1}/{len(batches)}")
-    finally:
-        if bar is not None:
-            bar.close()
+    max_image_pixels = max_image_pixels or MAX_PIXELS
+    with _makers(load_generator, max_image_pixels, dask, dask_setting) as makers:
+        native_size, info = makers.describe()
+        if not native_size and any(j.sampler.height is None or j.sampler.width is None for j in jobs):
+            raise BlipDiffError("the model does not record its native size: give --height and --width")
+        model_key = json.dumps({k: info[k] for k in ("backend", "provider", "model_hash")}, sort_keys=True)
+        batches = plan(jobs, batch_size, native_size, model_key)
+        out = Path(out)
+        (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+        for stale in (out / IMAGES_DIR).glob(".*.tmp"):  # an image cut by a kill
+            stale.unlink(missing_ok=True)
+        journal = read_journal(out)
+        todo = [b for b in batches if not _done(journal.get(b.key), out)]
+        total = sum(len(b.items) for b in batches)
+        todo_keys = {b.key for b in todo}
+        skipped = sum(len(journal[b.key]["records"]) for b in batches if b.key not in todo_keys)
+        if skipped:
+            log.info("%s: %d of %d images already done (batches.jsonl): %d batches to run", out, skipped, total,
+                     len(todo))
+        log.info("%d batches to make %s", len(todo), makers.name)
+        generated = _make(makers, todo, len(batches), info, out, journal, progress)
 
     records, errors = [], list(static_errors)
     reported = {(e["id"], e["error"]) for e in errors}
@@ -614,13 +627,72 @@ def run(manifest: Path, out: Path, load_generator: Callable[[], Any], defaults: 
     return summary
 
 
-def _run_batch(batch: Batch, gen, subjects: Subjects, controls: Controls, out: Path, info: dict) -> dict:
-    """Generate one batch's images (less those of bad rows); its journal entry."""
+def _model_text(info: dict) -> str:
+    return f"{info['model']} ({info['backend']}, {info['provider']}, model hash {info['model_hash']})"
+
+
+def _make(makers: _InProcess | _OnDask, todo: list[Batch], planned: int, info: dict, out: Path, journal: dict,
+          progress: bool) -> int:
+    """Make the batches `todo` and write each, in plan order, journaling it once its images are
+    there; the images made."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(b.items) for b in todo), unit="img", desc="batch", dynamic_ncols=True)
+    generated = 0
+    try:
+        with closing(makers.make(todo)) as made:  # closed early (an error): pending batches are cancelled
+            for batch, made_batch in zip(todo, made):
+                if made_batch.info != info:
+                    raise BlipDiffError(
+                        f"batch {batch.index} was made with {_model_text(made_batch.info)}, the run was planned "
+                        f"with {_model_text(info)}: every Dask worker needs the same model and device")
+                journal[batch.key] = write_batch(made_batch, out)
+                _append_journal(out, journal[batch.key])
+                generated += len(journal[batch.key]["records"])
+                if bar is not None:
+                    bar.update(len(batch.items))
+                    bar.set_postfix(batch=f"{batch.index + 1}/{planned}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return generated
+
+
+# ---------------------------------------------------------------------- one batch
+@dataclass
+class MadeBatch:
+    """A batch made (compute_batch), not written yet: its journal entry and its images' bytes."""
+
+    entry: dict  # key, batch, records, errors: its line in batches.jsonl
+    images: list[tuple[str, bytes]]  # (path under the output folder, PNG bytes), one per record
+    info: dict  # the generator's describe() where it was made
+
+
+class Maker:
+    """What makes batches in one process: the generator, and one run's subject embeddings and
+    condition maps (computed once each, kept for the run's later batches)."""
+
+    def __init__(self, generator, max_image_pixels: int):
+        self.generator = generator
+        self.info = generator.describe()
+        self.subjects = Subjects(generator, max_image_pixels)
+        self.controls = Controls(max_image_pixels)
+
+    def describe(self) -> tuple[int, dict]:
+        """(the model's native size, 0 if unknown; the generator's description) to plan with."""
+        return self.generator.native_size, self.info
+
+
+def compute_batch(batch: Batch, maker: Maker) -> MadeBatch:
+    """Make one batch's images (less those of bad rows): their PNG bytes, records and the
+    batch's error rows (a non-finite output: every row of the batch). Writes nothing."""
     import torch
 
     from components.model.controlnet import Control, canny_side, control_pixels
 
-    s = batch.sampler
+    gen, info, s = maker.generator, maker.info, batch.sampler
     items, embeds, sources, maps, errors = [], [], [], [], []
     no_controlnet = no_controlnet_error(int(getattr(gen.networks, "num_controlnets", 0) or 0)) \
         if batch.controlled else None
@@ -628,8 +700,8 @@ def _run_batch(batch: Batch, gen, subjects: Subjects, controls: Controls, out: P
         try:
             if no_controlnet:
                 raise BlipDiffError(no_controlnet)
-            e, source = subjects.get(item.job)
-            condition = controls.get(item.job.control, canny_side(s.height, s.width)) \
+            e, source = maker.subjects.get(item.job)
+            condition = maker.controls.get(item.job.control, canny_side(s.height, s.width)) \
                 if item.job.control is not None else None
         except BlipDiffError as exc:
             if not any(e["id"] == item.job.id for e in errors):
@@ -639,7 +711,7 @@ def _run_batch(batch: Batch, gen, subjects: Subjects, controls: Controls, out: P
         embeds.append(e)
         sources.append(source)
         maps.append(condition)
-    records = []
+    records, pngs = [], []
     if items:
         targets = [i.job.target_subject or src for i, src in zip(items, sources)]
         control = None
@@ -662,7 +734,7 @@ def _run_batch(batch: Batch, gen, subjects: Subjects, controls: Controls, out: P
             images = []
         seconds = time.perf_counter() - t
         for item, source, target, image in zip(items, sources, targets, images):
-            _write_png(image, out / item.name)
+            pngs.append((item.name, _encode_png(image)))
             job = item.job
             records.append({
                 "id": job.id, "k": item.k, "image": item.name, "row": job.row, "seed": item.seed,
@@ -674,4 +746,157 @@ def _run_batch(batch: Batch, gen, subjects: Subjects, controls: Controls, out: P
                 "batch": batch.index, "batch_key": batch.key, "batch_images": len(items),
                 "seconds_batch": round(seconds, 4), "seconds_per_image": round(seconds / len(items), 4),
             })
-    return {"key": batch.key, "batch": batch.index, "records": records, "errors": errors}
+    return MadeBatch({"key": batch.key, "batch": batch.index, "records": records, "errors": errors}, pngs, info)
+
+
+def write_batch(made: MadeBatch, out: Path) -> dict:
+    """Write a made batch's images into `out`, each atomically; its journal entry (to append
+    once they are all there)."""
+    for name, png in made.images:
+        _write_png(png, out / name)
+    return made.entry
+
+
+# ---------------------------------------------------------------------- where batches are made
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """How to load the generator (`serving.generator.Generator.load`'s arguments); calling it
+    loads one. Picklable and hashable: a Dask worker is sent it and keeps the generator it
+    loads for every batch of that spec."""
+
+    source: str  # a model or export folder, or a registered model models:/NAME@ALIAS
+    backend: str = "torch"
+    device: str = "auto"
+    dtype: str = "auto"
+    providers: tuple[str, ...] | None = None
+    engine_dir: Path | None = None
+    trt_profile: str | None = None
+    build_engines: bool = False
+    tracking_uri: str | None = None  # the MLflow store of a registered model (set in the loading process)
+
+    @property
+    def gpu(self) -> bool:
+        """Whether it runs on a GPU where there is one (a local Dask cluster of one worker per GPU)."""
+        if self.backend == "torch":
+            return self.device != "cpu"
+        if self.backend == "onnxruntime":  # default providers: CUDA first where there is a GPU
+            return self.providers is None or any(p.startswith(("CUDA", "Tensorrt")) for p in self.providers)
+        return True  # tensorrt
+
+    def __call__(self):
+        from serving.generator import Generator
+
+        if self.tracking_uri is not None:
+            import mlflow
+
+            mlflow.set_tracking_uri(self.tracking_uri)
+        gen = Generator.load(self.source, self.backend, device=self.device, dtype=self.dtype,
+                             providers=list(self.providers) if self.providers is not None else None,
+                             engine_dir=self.engine_dir, trt_profile=self.trt_profile,
+                             build_engines=self.build_engines)
+        log.info("model %s on %s (%s)", gen.source, gen.backend, gen.provider)
+        return gen
+
+
+class _InProcess:
+    name = "in this process"
+
+    def __init__(self, load_generator: Callable[[], Any], max_image_pixels: int):
+        self.load_generator, self.max_image_pixels = load_generator, max_image_pixels
+        self.maker: Maker | None = None
+
+    def describe(self) -> tuple[int, dict]:
+        self.maker = Maker(self.load_generator(), self.max_image_pixels)
+        return self.maker.describe()
+
+    def make(self, batches: list[Batch]) -> Iterator[MadeBatch]:
+        for batch in batches:
+            yield compute_batch(batch, self.maker)
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every batch of a run needs on a Dask worker; sent once to each."""
+
+    generator: GeneratorSpec
+    max_image_pixels: int
+    token: str  # unique per run: a worker's subject embeddings and condition maps belong to one run
+
+
+class _OnDask:
+    def __init__(self, cluster, job: WorkerJob):
+        self.cluster, self.job, self.name = cluster, job, cluster.name
+
+    def describe(self) -> tuple[int, dict]:
+        """From one worker, which loads the generator (and builds TensorRT engines when asked,
+        before any other worker needs them)."""
+        native_size, info = self.cluster.client.submit(_describe_on_worker, self.job, pure=False).result()
+        log.info("model %s on %s (%s), on the workers", info["model"], info["backend"], info["provider"])
+        return native_size, info
+
+    def make(self, batches: list[Batch]) -> Iterator[MadeBatch]:
+        return self.cluster.map(_batch_on_worker, self.job, batches)
+
+
+@contextmanager
+def _makers(load_generator: Callable[[], Any], max_image_pixels: int, dask: DaskConfig | None,
+            dask_setting: str) -> Iterator[_InProcess | _OnDask]:
+    if dask is None or (dask.address is None and dask.workers == 0):
+        yield _InProcess(load_generator, max_image_pixels)
+        return
+    if not isinstance(load_generator, GeneratorSpec):
+        raise TypeError(f"a Dask run loads its generator from a GeneratorSpec, got {type(load_generator).__name__}")
+    from components.context.distributed import open_cluster
+
+    hint = (f"unset {dask_setting} to run in this process" if dask_setting.isupper()  # an environment variable
+            else f"fix {dask_setting}, or leave it out to run in this process")
+    with open_cluster(dask.address, dask.workers, dask.threads_per_worker, dask.connect_timeout_s,
+                      setting=dask_setting, hint=hint, gpu=load_generator.gpu,
+                      worker_env=_worker_threads(dask.workers)) as cluster:
+        yield _OnDask(cluster, WorkerJob(load_generator, max_image_pixels, uuid.uuid4().hex))
+
+
+def _worker_threads(workers: int) -> dict[str, str]:
+    """A local cluster's workers share this process's torch threads (Dask would give each one)."""
+    import torch
+
+    threads = str(max(1, torch.get_num_threads() // max(1, workers)))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+class _WorkerState:
+    """A Dask worker process's maker: the generator of the last spec it was sent (loaded on its
+    first batch, kept for later batches and runs), with fresh subject and control caches per
+    run. One batch at a time: the worker's threads share one generator."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.spec: GeneratorSpec | None = None
+        self.generator = None
+        self.token: str | None = None
+        self.maker: Maker | None = None
+        self.loads = 0  # generators this process loaded
+
+    def get(self, job: WorkerJob) -> Maker:
+        if self.spec != job.generator:
+            self.spec = self.generator = self.maker = None  # the previous model's memory first
+            self.generator = job.generator()
+            self.spec = job.generator
+            self.loads += 1
+        if self.token != job.token or self.maker is None:
+            self.maker = Maker(self.generator, job.max_image_pixels)
+            self.token = job.token
+        return self.maker
+
+
+_WORKER = _WorkerState()
+
+
+def _describe_on_worker(job: WorkerJob) -> tuple[int, dict]:
+    with _WORKER.lock:
+        return _WORKER.get(job).describe()
+
+
+def _batch_on_worker(job: WorkerJob, batch: Batch) -> MadeBatch:
+    with _WORKER.lock:
+        return compute_batch(batch, _WORKER.get(job))
