@@ -1,5 +1,6 @@
 # make repro : set up .venv (first time or when the lock changes) and run the pipeline
 # make test  : set up .venv and run the test suite
+# make gpu-check : on a GPU machine, the one check to run: doctor, every GPU test, the GPU benchmark, one table
 # make setup-gpu : .venv with the CUDA 13 GPU stack (constraints-gpu.txt, the gpu extra), then `blipdiff doctor`
 # make serve : Prefect server + deployments + a worker + MLflow server on 127.0.0.1 (Ctrl-C stops)
 # make system-deps : Debian packages for the browser and PostgreSQL tests (root; they skip without)
@@ -8,7 +9,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup repro test serve system-deps screenshots bench samples clean-venv
+.PHONY: setup repro test serve system-deps screenshots bench gpu-check samples clean-venv
 SAMPLES_GRID := reports/samples/grid.png
 .DEFAULT_GOAL := repro
 
@@ -66,6 +67,9 @@ system-deps:
 
 screenshots: setup
 	. $(BIN)/activate && python scripts/mlflow_screenshot.py
+
+gpu-check: setup
+	. $(BIN)/activate && python benchmarks/gpu_check.py
 
 bench: setup
 	. $(BIN)/activate && python benchmarks/context_bench.py && python benchmarks/generate_bench.py && python benchmarks/train_bench.py && python benchmarks/stream_bench.py && python benchmarks/eval_bench.py && python benchmarks/export_bench.py && python benchmarks/edit_bench.py
