@@ -74,12 +74,12 @@ class Cluster:
 @contextmanager
 def open_cluster(address: str | None, workers: int, threads_per_worker: int = 1, connect_timeout_s: float = 30.0,
                  *, setting: str = CONTEXT_SETTING, hint: str = CONTEXT_HINT, gpu: bool = False,
-                 worker_env: dict[str, str] | None = None) -> Iterator[Cluster]:
+                 worker_env: dict[str, str | None] | None = None) -> Iterator[Cluster]:
     """The scheduler at `address` (`setting` and `hint` name it and the way back to running
     locally in the errors), or else a local cluster of `workers` processes, closed on the way
     out. `gpu`: the work runs on a GPU, so a `LocalCUDACluster` (one worker per GPU, at most
     `workers`) where dask-cuda is installed and a GPU is visible. `worker_env`: environment
-    variables of a local cluster's workers."""
+    variables of a local cluster's workers; None unsets one that Dask's nannies set."""
     import distributed  # noqa: F401  (first: its import sets its loggers' levels, which _quiet changes)
 
     with _quiet("distributed"), _cluster(address, workers, threads_per_worker, connect_timeout_s, setting, hint,
@@ -102,7 +102,7 @@ def _quiet(logger_name: str, level: int = logging.ERROR) -> Iterator[None]:
 
 @contextmanager
 def _cluster(address: str | None, workers: int, threads_per_worker: int, connect_timeout_s: float, setting: str,
-             hint: str, gpu: bool, worker_env: dict[str, str] | None) -> Iterator[Cluster]:
+             hint: str, gpu: bool, worker_env: dict[str, str | None] | None) -> Iterator[Cluster]:
     from distributed import Client
 
     if address is not None:
@@ -115,24 +115,30 @@ def _cluster(address: str | None, workers: int, threads_per_worker: int, connect
     # Loopback only, no dashboard; the scheduler's plain HTTP endpoints (health, metrics) on a
     # free loopback port rather than 8787, which another cluster may hold. Workers stay silent:
     # a task's exception comes back to the caller, which raises it; their log would repeat it.
+    import dask
+
     options: dict[str, Any] = {"threads_per_worker": threads_per_worker, "host": "127.0.0.1",
                                "dashboard_address": None, "silence_logs": logging.CRITICAL,
                                "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}
-    if worker_env:
-        options["env"] = worker_env
+    worker_env = worker_env or {}
+    if any(v is not None for v in worker_env.values()):
+        options["env"] = {k: v for k, v in worker_env.items() if v is not None}
+    # None: a variable the nannies would set (distributed.nanny.pre-spawn-environ) left unset
+    unset = {f"distributed.nanny.pre-spawn-environ.{k}": None for k, v in worker_env.items() if v is None}
     gpus = _gpus() if gpu else 0
-    if gpus:
-        from dask_cuda import LocalCUDACluster
+    with dask.config.set(unset):  # read when the nannies are made
+        if gpus:
+            from dask_cuda import LocalCUDACluster
 
-        if workers > gpus:
-            log.warning("%d Dask workers asked for, %d GPUs: %d workers, one per GPU", workers, gpus, gpus)
-        workers, kind = min(workers, gpus), "LocalCUDACluster"
-        cluster = LocalCUDACluster(n_workers=workers, **options)
-    else:
-        from distributed import LocalCluster
+            if workers > gpus:
+                log.warning("%d Dask workers asked for, %d GPUs: %d workers, one per GPU", workers, gpus, gpus)
+            workers, kind = min(workers, gpus), "LocalCUDACluster"
+            cluster = LocalCUDACluster(n_workers=workers, **options)
+        else:
+            from distributed import LocalCluster
 
-        kind = "LocalCluster"
-        cluster = LocalCluster(n_workers=workers, processes=True, **options)
+            kind = "LocalCluster"
+            cluster = LocalCluster(n_workers=workers, processes=True, **options)
     with cluster, Client(cluster, set_as_default=False) as client:
         threads = workers * threads_per_worker
         yield Cluster(client, f"on a Dask {kind} ({_size(workers, threads)})", workers, threads, False)
