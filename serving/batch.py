@@ -852,16 +852,20 @@ def _makers(load_generator: Callable[[], Any], max_image_pixels: int, dask: Dask
             else f"fix {dask_setting}, or leave it out to run in this process")
     with open_cluster(dask.address, dask.workers, dask.threads_per_worker, dask.connect_timeout_s,
                       setting=dask_setting, hint=hint, gpu=load_generator.gpu,
-                      worker_env=_worker_threads(dask.workers)) as cluster:
+                      worker_env=local_worker_env()) as cluster:
         yield _OnDask(cluster, WorkerJob(load_generator, max_image_pixels, uuid.uuid4().hex))
 
 
-def _worker_threads(workers: int) -> dict[str, str]:
-    """A local cluster's workers share this process's torch threads (Dask would give each one)."""
+def local_worker_env() -> dict[str, str | None]:
+    """A local cluster's workers run with this process's torch threads (Dask would give each
+    one): on a CPU the thread count can change a result's last bits, so the bytes stay those of
+    an in-process run. OMP_NUM_THREADS sets it (e.g. cores / workers, for throughput). And
+    without Dask's MALLOC_TRIM_THRESHOLD_: set at all, it turns off glibc's adaptive mmap
+    threshold, so every large tensor is a fresh mmap; torch on a CPU ran at half speed with it."""
     import torch
 
-    threads = str(max(1, torch.get_num_threads() // max(1, workers)))
-    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    threads = str(torch.get_num_threads())
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "MALLOC_TRIM_THRESHOLD_": None}
 
 
 class _WorkerState:

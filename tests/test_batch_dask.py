@@ -262,16 +262,21 @@ def test_a_gpu_backend_gets_one_local_cuda_worker_per_gpu_where_dask_cuda_is(mon
         pass
 
     def local_cuda_cluster(**kwargs):
-        made.update(kwargs)
+        import dask
+
+        made.update(kwargs, nanny_env=dict(dask.config.get("distributed.nanny.pre-spawn-environ")))
         raise Started  # the arguments are what this test checks; no cluster is started
 
     monkeypatch.setitem(sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=local_cuda_cluster))
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
     assert distributed._gpus() == 2
-    with pytest.raises(Started), distributed.open_cluster(None, 4, gpu=True, worker_env={"OMP_NUM_THREADS": "1"}):
+    env = {"OMP_NUM_THREADS": "1", "MALLOC_TRIM_THRESHOLD_": None}
+    with pytest.raises(Started), distributed.open_cluster(None, 4, gpu=True, worker_env=env):
         pass
     assert made["n_workers"] == 2 and made["host"] == "127.0.0.1" and made["dashboard_address"] is None
     assert made["env"] == {"OMP_NUM_THREADS": "1"} and "processes" not in made
+    # None: a variable that Dask's nannies set is left unset (None in their config); the others stay
+    assert made["nanny_env"]["MALLOC_TRIM_THRESHOLD_"] is None and made["nanny_env"]["OMP_NUM_THREADS"] == 1
     monkeypatch.setitem(sys.modules, "dask_cuda", None)  # not installed: a LocalCluster
     assert distributed._gpus() == 0
 
@@ -283,3 +288,10 @@ def test_a_gpu_backend_gets_one_local_cuda_worker_per_gpu_where_dask_cuda_is(mon
 ])
 def test_which_generator_specs_run_on_a_gpu(spec, gpu):
     assert batch.GeneratorSpec("models/x", **spec).gpu is gpu
+
+
+def test_local_workers_get_this_process_torch_threads(monkeypatch):
+    """On a CPU the thread count can change a result's last bits: a local worker runs with the
+    threads an in-process run would have."""
+    monkeypatch.setattr("torch.get_num_threads", lambda: 3)
+    assert batch.local_worker_env() == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3", "MALLOC_TRIM_THRESHOLD_": None}
