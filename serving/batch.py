@@ -846,9 +846,9 @@ def _makers(load_generator: Callable[[], Any], max_image_pixels: int, dask: Dask
         return
     if not isinstance(load_generator, GeneratorSpec):
         raise TypeError(f"a Dask run loads its generator from a GeneratorSpec, got {type(load_generator).__name__}")
-    from components.context.distributed import open_cluster
+    from components.context.distributed import ADDRESS_ENV, open_cluster
 
-    hint = (f"unset {dask_setting} to run in this process" if dask_setting.isupper()  # an environment variable
+    hint = (f"unset {ADDRESS_ENV} to run in this process" if dask_setting == ADDRESS_ENV
             else f"fix {dask_setting}, or leave it out to run in this process")
     with open_cluster(dask.address, dask.workers, dask.threads_per_worker, dask.connect_timeout_s,
                       setting=dask_setting, hint=hint, gpu=load_generator.gpu,
