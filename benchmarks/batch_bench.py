@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from components.context.distributed import open_cluster
+from components.cluster import open_cluster
 from components.core.config import DaskConfig
 from components.core.paths import BLIP_DIFFUSION_DIR
 from components.data import synthetic

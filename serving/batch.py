@@ -33,7 +33,7 @@ image with its sha256 and settings included, backend, provider, model hash, seco
 batch), `errors.jsonl`, `batches.jsonl`.
 
 Where batches are made: in this process (the default), or over a Dask cluster (`dask`: a
-LocalCluster of worker processes, or an existing scheduler; components.context.distributed).
+LocalCluster of worker processes, or an existing scheduler; components.cluster).
 Either way a batch is made in two parts: `compute_batch` (subject embeddings, control maps,
 the generator; the images' PNG bytes, records and error rows, no file written) where it runs,
 then `write_batch` here alone, in plan order (the images atomically, then the journal entry),
@@ -846,26 +846,14 @@ def _makers(load_generator: Callable[[], Any], max_image_pixels: int, dask: Dask
         return
     if not isinstance(load_generator, GeneratorSpec):
         raise TypeError(f"a Dask run loads its generator from a GeneratorSpec, got {type(load_generator).__name__}")
-    from components.context.distributed import ADDRESS_ENV, open_cluster
+    from components.cluster import ADDRESS_ENV, open_cluster, torch_worker_env
 
     hint = (f"unset {ADDRESS_ENV} to run in this process" if dask_setting == ADDRESS_ENV
             else f"fix {dask_setting}, or leave it out to run in this process")
     with open_cluster(dask.address, dask.workers, dask.threads_per_worker, dask.connect_timeout_s,
                       setting=dask_setting, hint=hint, gpu=load_generator.gpu,
-                      worker_env=local_worker_env()) as cluster:
+                      worker_env=torch_worker_env()) as cluster:
         yield _OnDask(cluster, WorkerJob(load_generator, max_image_pixels, uuid.uuid4().hex))
-
-
-def local_worker_env() -> dict[str, str | None]:
-    """A local cluster's workers run with this process's torch threads (Dask would give each
-    one): on a CPU the thread count can change a result's last bits, so the bytes stay those of
-    an in-process run. OMP_NUM_THREADS sets it (e.g. cores / workers, for throughput). And
-    without Dask's MALLOC_TRIM_THRESHOLD_: set at all, it turns off glibc's adaptive mmap
-    threshold, so every large tensor is a fresh mmap; torch on a CPU ran at half speed with it."""
-    import torch
-
-    threads = str(torch.get_num_threads())
-    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "MALLOC_TRIM_THRESHOLD_": None}
 
 
 class _WorkerState:

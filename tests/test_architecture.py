@@ -17,6 +17,7 @@ from tests.helpers.imports import REPO, build, find_cycle
 # Lower number = lower layer; a module imports only from lower layers or from its own package.
 LAYERS = {
     "components.core": 0,  # config, errors, io, paths, tracking
+    "components.cluster": 1,  # Dask clusters: the context stage, evaluate's generation, blipdiff batch
     "components.data": 1,  # images, manifests, sources
     "components.model": 2,  # networks, bundle, presets, released layout
     "components.context": 3,  # CLIPSeg, matting

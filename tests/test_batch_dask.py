@@ -254,7 +254,7 @@ def test_without_dask_flags_the_batches_run_here_without_importing_dask(folder, 
 
 
 def test_a_gpu_backend_gets_one_local_cuda_worker_per_gpu_where_dask_cuda_is(monkeypatch):
-    from components.context import distributed
+    from components import cluster as distributed
 
     made = {}
 
@@ -293,5 +293,8 @@ def test_which_generator_specs_run_on_a_gpu(spec, gpu):
 def test_local_workers_get_this_process_torch_threads(monkeypatch):
     """On a CPU the thread count can change a result's last bits: a local worker runs with the
     threads an in-process run would have."""
+    from components import cluster as distributed
+
     monkeypatch.setattr("torch.get_num_threads", lambda: 3)
-    assert batch.local_worker_env() == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3", "MALLOC_TRIM_THRESHOLD_": None}
+    assert distributed.torch_worker_env() == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3",
+                                              "MALLOC_TRIM_THRESHOLD_": None}

@@ -245,3 +245,23 @@ def test_a_negative_prompt_longer_than_the_text_encoder_is_truncated():
     assert len(model.tokenizer(NEGATIVE_PROMPT).input_ids) > 77
     ids = prompt_ids(model.tokenizer, [NEGATIVE_PROMPT] * 2, model.text_length, 16, [False, False])
     assert encode_text(model.text_encoder, ids, None, model.ctx_begin_pos).shape[:2] == (2, 77)
+
+
+def test_generation_on_a_local_dask_cluster_writes_the_in_process_bytes(tmp_path, bench_root, caplog):
+    """`dask.workers: 2`: the subjects' images are made on two worker processes and written
+    here, byte for byte those of an in-process run, with the same scores."""
+    here, params = _root(tmp_path / "here", bench_root)
+    there, params_dask = _root(tmp_path / "there", bench_root)
+    params_dask = params_dask.model_copy(update={"dask": params_dask.dask.model_copy(update={"workers": 2})})
+    evaluate.run(params, here)
+    with caplog.at_level("INFO", logger=evaluate.__name__):
+        metrics, _ = evaluate.run(params_dask, there)
+    assert "generating on a Dask LocalCluster (2 workers, 2 threads)" in caplog.text
+    assert "zero_shot dog: 4 images" not in caplog.text  # made in the workers, whose log stays there
+    assert metrics["run_images_generated"] == 8
+    out = "reports/dreambench"
+    images = sorted(p.relative_to(here / out) for p in (here / out).glob("images/**/*.png"))
+    assert len(images) == 8
+    assert all((here / out / p).read_bytes() == (there / out / p).read_bytes() for p in images)
+    pd.testing.assert_frame_equal(pd.read_parquet(here / out / "per_image.parquet"),
+                                  pd.read_parquet(there / out / "per_image.parquet"))

@@ -78,7 +78,7 @@ def test_calls_of_any_size_give_the_engine_rows_in_order(networks, fake, graph, 
     [expected] = ft.reference(graph, feeds, fake.dims)
     assert out.shape == expected.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    low, high = networks.io[graph]["batch"]
+    _, high = networks.io[graph]["batch"]
     enqueues = [c for c in fake.calls if c[0] == "execute" and c[1] == graph]
     assert len(enqueues) == -(-rows // high)
 

@@ -29,7 +29,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from components.context.distributed import ADDRESS_ENV
+from components.cluster import ADDRESS_ENV
 from components.core.errors import BlipDiffError
 from components.core.paths import BLIP_DIFFUSION_DIR, EXPORT_DIR
 from components.data.images import MAX_PIXELS

@@ -402,7 +402,8 @@ AUTO = "auto"
 
 # ----------------------------------------------------------------------------- dask
 class DaskConfig(_Section):
-    """Where the context stage runs its per-image work (components/context/distributed.py).
+    """Where the context stage runs its per-image work and evaluate makes its images
+    (components/cluster.py).
     Not a stage's params in dvc.yaml: where it runs never changes the outputs."""
 
     workers: int = Field(0, ge=0, le=256)  # 0: in the stage's process; N: a LocalCluster of N processes

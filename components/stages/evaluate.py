@@ -16,6 +16,14 @@ photos, as the papers score them. `heldout` (`auto` on the tiny preset) lays out
 subjects' held-out views (`data/subjects.parquet`, split test) as a DreamBench folder in a
 temporary directory (`components.evaluation.heldout_bench`) and runs the same protocol on it,
 downloading nothing.
+
+Where the images are made is `params.yaml` `dask:`, as for the context stage, and never
+changes them: in this process (`workers: 0`, no address), or a subject per task on a local
+Dask cluster of `workers` processes (their torch threads this process's: the same bytes) or
+on the scheduler at `dask.address` / BLIPDIFF_DASK_ADDRESS (its workers need blipdiff, the
+model and the benchmark's photos at the same paths; the held-out bench is a temporary folder
+of this machine, so a remote cluster suits `benchmark: dreambench`). Each worker loads the
+model once per run; this process alone writes the images, in the subjects' order.
 """
 
 from __future__ import annotations
@@ -28,13 +36,15 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from components.core import tracking
-from components.core.config import EvaluateConfig, Params
+from components.core.config import DaskConfig, EvaluateConfig, Params
 from components.core.errors import BlipDiffError
 from components.core.io import atomic_path, round_floats, write_json
 from components.core.paths import EVAL_DIR, REGISTRY_PREFIX, SUBJECTS_MANIFEST
@@ -45,6 +55,9 @@ from components.evaluation import heldout_bench, protocol, report, scoring
 from components.evaluation.evaluators import Evaluators
 from components.model import sources
 from components.model.device import placement
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -134,36 +147,99 @@ class Generation:
                                          seed=self.cfg.seed))
         return model, result.subject_embeds.detach()
 
-    def run(self, mode: str, todo: list[tuple[protocol.Item, Path]]) -> int:
-        """Generate the missing images of one mode, subject by subject; return how many."""
-        cfg, made = self.cfg, 0
+    def subject_images(self, job: SubjectJob) -> list[np.ndarray]:
+        """One subject's missing images of one mode, uint8, in the job's order (nothing written)."""
+        cfg, mode, pending = self.cfg, job.mode, job.pending
+        start = time.perf_counter()
+        model, embeds = self.embeddings(mode, job.subject, pending[0][0].class_name)
+        size = cfg.resolution or model.native_size
+        groups: dict[str, list[int]] = {}
+        for i, (item, _) in enumerate(pending):
+            groups.setdefault(item.class_phrase, []).append(i)
+        images: list[np.ndarray | None] = [None] * len(pending)
+        for phrase, group in groups.items():
+            for lo in range(0, len(group), cfg.batch_size):
+                batch = group[lo:lo + cfg.batch_size]
+                made = model.generate(
+                    embeds, [pending[i][0].context for i in batch], phrase, [pending[i][0].seed for i in batch],
+                    negative_prompt=cfg.negative_prompt, guidance_scale=cfg.guidance_scale,
+                    num_inference_steps=cfg.steps, height=size, width=size, scheduler=cfg.scheduler,
+                    prompt_strength=cfg.prompt_strength, prompt_reps=cfg.prompt_reps)
+                for i, image in zip(batch, made):
+                    images[i] = (image * 255).round().astype("uint8")
+        log.info("%s %s: %d images in %.1f s", mode, job.subject, len(pending), time.perf_counter() - start)
+        return images
+
+    def run(self, mode: str, todo: list[tuple[protocol.Item, Path]], cluster=None) -> int:
+        """Generate the missing images of one mode, subject by subject, here or on `cluster`'s
+        workers (a subject per task; this process alone writes, in the subjects' order); how many."""
         by_subject: dict[str, list] = {}
         for item, path in todo:
             by_subject.setdefault(item.subject, []).append((item, path))
-        for subject, pending in by_subject.items():
-            start = time.perf_counter()
-            model, embeds = self.embeddings(mode, subject, pending[0][0].class_name)
-            size = cfg.resolution or model.native_size
-            groups: dict[str, list] = {}
-            for item, path in pending:
-                groups.setdefault(item.class_phrase, []).append((item, path))
-            for phrase, group in groups.items():
-                for lo in range(0, len(group), cfg.batch_size):
-                    batch = group[lo:lo + cfg.batch_size]
-                    images = model.generate(
-                        embeds, [it.context for it, _ in batch], phrase, [it.seed for it, _ in batch],
-                        negative_prompt=cfg.negative_prompt, guidance_scale=cfg.guidance_scale,
-                        num_inference_steps=cfg.steps, height=size, width=size, scheduler=cfg.scheduler,
-                        prompt_strength=cfg.prompt_strength, prompt_reps=cfg.prompt_reps)
-                    for (_, path), image in zip(batch, images):
-                        final = self.root / path
-                        final.parent.mkdir(parents=True, exist_ok=True)
-                        tmp = final.with_name(f".{final.name}.tmp")
-                        save_png((image * 255).round().astype("uint8"), tmp)
-                        os.replace(tmp, final)  # a killed run leaves whole images only
-                        made += 1
-            log.info("%s %s: %d images in %.1f s", mode, subject, len(pending), time.perf_counter() - start)
+        jobs = [SubjectJob(mode, subject, pending) for subject, pending in by_subject.items()]
+        made = 0
+        results = map(self.subject_images, jobs) if cluster is None else \
+            cluster.map(_subject_on_worker, WorkerGeneration(self.cfg, self.bench, self.source, self.root), jobs)
+        for job, images in zip(jobs, results):
+            for (_, path), image in zip(job.pending, images):
+                final = self.root / path
+                final.parent.mkdir(parents=True, exist_ok=True)
+                tmp = final.with_name(f".{final.name}.tmp")
+                save_png(image, tmp)
+                os.replace(tmp, final)  # a killed run leaves whole images only
+                made += 1
         return made
+
+
+@dataclass(frozen=True)
+class SubjectJob:
+    mode: str
+    subject: str
+    pending: list  # (protocol.Item, path under the repository) of the images to make
+
+
+@dataclass(frozen=True)
+class WorkerGeneration:
+    """What a Dask worker needs to make a run's images: the settings, the benchmark (its
+    photos at the same paths: a shared filesystem), the model. Sent once per worker."""
+
+    cfg: EvaluateConfig
+    bench: protocol.Benchmark
+    source: str
+    root: Path
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.cfg.model_dump(mode="json"), self.source, str(self.root)], sort_keys=True)
+
+
+_WORKER_GENERATION: dict[str, Generation] = {}  # in a worker: the last run's, its model loaded once
+
+
+def _subject_on_worker(spec: WorkerGeneration, job: SubjectJob) -> list[np.ndarray]:
+    gen = _WORKER_GENERATION.get(spec.key)
+    if gen is None:
+        _WORKER_GENERATION.clear()
+        gen = _WORKER_GENERATION[spec.key] = Generation(spec.cfg, spec.bench, spec.source, spec.root)
+    gen.bench = spec.bench  # this run's (a held-out bench is a new folder per run; the model stays)
+    return gen.subject_images(job)
+
+
+@contextlib.contextmanager
+def generation_cluster(dask: DaskConfig, device: torch.device) -> Iterator[object | None]:
+    """Where evaluate makes its images (`params.yaml` `dask:`, as the context stage): None (in
+    this process) without an address and with 0 workers, else a Dask cluster, its local
+    workers with this process's torch threads (the same bytes as in-process)."""
+    from components.cluster import address_setting, open_cluster, scheduler_address, torch_worker_env
+
+    address = scheduler_address(dask)
+    if address is None and dask.workers == 0:
+        yield None
+        return
+    with open_cluster(address, dask.workers, dask.threads_per_worker, dask.connect_timeout_s,
+                      setting=address_setting(), gpu=device.type == "cuda", worker_env=torch_worker_env()) as cluster:
+        log.info("generating %s", cluster.name)
+        yield cluster
 
 
 def prune(root: Path, keep: set[Path]) -> int:
@@ -193,10 +269,11 @@ def evaluator_ids(cfg: EvaluateConfig, preset: str) -> tuple[str, str, bool]:
 
 
 def generate_images(gen: Generation, items: list[protocol.Item], model_hash: str, root: Path,
-                    references: dict[str, str] | None = None):
+                    references: dict[str, str] | None = None, cluster=None):
     """Every planned image of every mode, reusing those already written under the same key;
     the images of other keys are removed. (rows, made, reused, stale, seconds).
-    `references`: subject -> digest of its real images, part of the key (the held-out bench)."""
+    `references`: subject -> digest of its real images, part of the key (the held-out bench).
+    `cluster`: a Dask cluster (`generation_cluster`) to make them on."""
     cfg = gen.cfg
     rows, keep, made, reused = [], set(), 0, 0
     start = time.perf_counter()
@@ -215,7 +292,7 @@ def generate_images(gen: Generation, items: list[protocol.Item], model_hash: str
                 reused += 1
             else:
                 todo.append((item, path))
-        made += gen.run(mode, todo)
+        made += gen.run(mode, todo, cluster)
     gen_seconds = time.perf_counter() - start
     stale = prune(root, keep)
     log.info("generated %d images in %.1f s, reused %d, removed %d stale", made, gen_seconds, reused, stale)
@@ -272,7 +349,9 @@ def run_on(params: Params, root: Path, kind: str, bench: protocol.Benchmark) -> 
         log.info("evaluating %s (%s): %d subjects, %d images per mode, modes %s", source.describe(), source.hash,
                  len(subjects), len(items), MODES[cfg.mode])
         gen = Generation(cfg, bench, source.load_from, root)
-        rows, made, reused, stale, gen_seconds = generate_images(gen, items, source.hash, root, references)
+        with generation_cluster(params.dask, gen.device) as cluster:
+            rows, made, reused, stale, gen_seconds = generate_images(gen, items, source.hash, root, references,
+                                                                     cluster)
     model_hash = source.hash
 
     ev = Evaluators.build(None if tiny else dino_id, None if tiny else clip_id, tiny=tiny,
