@@ -72,7 +72,7 @@ gpu-check: setup
 	. $(BIN)/activate && python benchmarks/gpu_check.py
 
 bench: setup
-	. $(BIN)/activate && python benchmarks/context_bench.py && python benchmarks/generate_bench.py && python benchmarks/train_bench.py && python benchmarks/stream_bench.py && python benchmarks/eval_bench.py && python benchmarks/export_bench.py && python benchmarks/edit_bench.py
+	. $(BIN)/activate && python benchmarks/context_bench.py && python benchmarks/generate_bench.py && python benchmarks/train_bench.py && python benchmarks/stream_bench.py && python benchmarks/eval_bench.py && python benchmarks/export_bench.py && python benchmarks/edit_bench.py && OMP_NUM_THREADS=1 python benchmarks/batch_bench.py
 
 # the grid of the last `make repro` (train_subject writes it), for the docs; no venv needed
 samples:

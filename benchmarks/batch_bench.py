@@ -6,7 +6,7 @@ a random tiny model where there is none): cold (a whole run, as `blipdiff batch`
 cluster's start, the model's loads, generation, writes) and warm (the cluster up and the
 generator loaded on its workers; in this process: a second run). Checks that every run wrote
 the same PNG bytes. Each local worker runs with this process's torch threads
-(serving.batch.local_worker_env: the bytes of an in-process run), so on N cores run it with
+(components.cluster.torch_worker_env: the bytes of an in-process run), so on N cores run it with
 OMP_NUM_THREADS=1 to compare one process on one core with N workers on N cores.
 
     OMP_NUM_THREADS=1 python benchmarks/batch_bench.py [--images 32] [--batch-size 4] [--steps 25] [--workers 1 2]
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from components.cluster import open_cluster
+from components.cluster import open_cluster, torch_worker_env
 from components.core.config import DaskConfig
 from components.core.paths import BLIP_DIFFUSION_DIR
 from components.data import synthetic
@@ -97,7 +97,7 @@ def main() -> None:
         for n in args.workers:
             name = f"Dask, {n} worker{'s' * (n != 1)}"
             cold = timed_run(manifest, tmp / f"dask{n}-cold", spec, args, DaskConfig(workers=n))
-            with open_cluster(None, n, worker_env=batch.local_worker_env()) as cluster:
+            with open_cluster(None, n, worker_env=torch_worker_env()) as cluster:
                 address = cluster.client.scheduler.address
                 timed_run(manifest, tmp / f"dask{n}-load", spec, args, DaskConfig(address=address))  # loads
                 warm = timed_run(manifest, tmp / f"dask{n}-warm", spec, args, DaskConfig(address=address))
