@@ -63,10 +63,23 @@ def read_export(export_dir: Path) -> dict:
 class _ExportedNetworks:
     """What the ONNX Runtime and TensorRT backends share: the sizes the sampling loop reads
     (from export.json), and the four networks as calls of the exported graphs by their
-    input names; a subclass runs a graph in `_run(graph, feeds)`."""
+    input names; a subclass runs a graph in `_outputs(graph, feeds, names)`."""
 
-    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _outputs(self, graph: str, feeds: Mapping[str, torch.Tensor], names: list[str]) -> list[torch.Tensor]:
+        """The graph's outputs `names`, in order, fp32."""
         raise NotImplementedError
+
+    def output_names(self, graph: str) -> list[str]:
+        return list(self.residual_names) if graph == "controlnet" else [OUTPUTS[graph]]
+
+    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """The graph's output; all of them, in order, for the controlnet graph. NaN or
+        infinity in an output raises NonFiniteError naming the backend, graph and output."""
+        names = self.output_names(graph)
+        outs = self._outputs(graph, feeds, names)
+        for name, value in zip(names, outs):
+            check_finite(f"{self.BACKEND} {graph} ({name})", value)
+        return outs if graph == "controlnet" else outs[0]
 
     def subject_embeds(self, pixel_values, input_ids, attention_mask):
         return self._run("subject_encoder", {"pixel_values": pixel_values, "input_ids": input_ids,
@@ -151,6 +164,8 @@ class OrtNetworks(_ExportedNetworks):
     only in its log: when CUDA was asked for (or defaulted to) and is not what runs, this
     stops with one line naming the libraries that are missing. `provider` is what runs."""
 
+    BACKEND = "ONNX Runtime"
+
     def __init__(self, export_dir: Path, providers: list[str] | None = None, precision: str = "auto",
                  io_binding: bool | None = None):
         import onnxruntime as ort
@@ -217,14 +232,8 @@ class OrtNetworks(_ExportedNetworks):
                                 "--providers CPUExecutionProvider")
         return active
 
-    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        """The graph's output; all of them, in order, for the controlnet graph. NaN or
-        infinity in an output raises NonFiniteError naming the graph."""
-        names = list(self.residual_names) if graph == "controlnet" else [OUTPUTS[graph]]
-        outs = self._run_bound(graph, feeds, names) if self.io_binding else self._run_arrays(graph, feeds, names)
-        for name, value in zip(names, outs):
-            check_finite(f"ONNX Runtime {graph} ({name})", value)
-        return outs if graph == "controlnet" else outs[0]
+    def _outputs(self, graph: str, feeds: Mapping[str, torch.Tensor], names: list[str]) -> list[torch.Tensor]:
+        return self._run_bound(graph, feeds, names) if self.io_binding else self._run_arrays(graph, feeds, names)
 
     def _run_arrays(self, graph: str, feeds: Mapping[str, torch.Tensor], names: list[str]) -> list[torch.Tensor]:
         types = self._types[graph]
@@ -390,6 +399,8 @@ class TrtNetworks(_ExportedNetworks):
     A call larger than the engine's profile is split into profile-sized chunks; one smaller
     than its minimum is padded with copies of its last row (rows are independent)."""
 
+    BACKEND = "TensorRT"
+
     def __init__(self, export_dir: Path, engine_dir: Path | None = None, profile: str | None = None,
                  build: bool = False, workspace_gb: float = 8, device: str = "cuda"):
         tensorrt_or_error()
@@ -416,7 +427,7 @@ class TrtNetworks(_ExportedNetworks):
                                     "(--build-engines)")
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
             inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-            outputs = list(self.residual_names) if graph == "controlnet" else [OUTPUTS[graph]]
+            outputs = self.output_names(graph)
             missing = [o for o in outputs if o not in names]
             if missing:
                 raise BlipDiffError(f"{path}: no output {', '.join(missing)} (tensors: {names})")
@@ -449,9 +460,7 @@ class TrtNetworks(_ExportedNetworks):
             raise BlipDiffError(f"{graph}: TensorRT refused the address {ptr:#x} of {name} "
                                 f"({tuple(tensor.shape)} {tensor.dtype}; needs {ALIGNMENT}-byte alignment)")
 
-    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        """The graph's output; all of them, in order, for the controlnet graph. NaN or
-        infinity in an output raises NonFiniteError naming the graph."""
+    def _outputs(self, graph: str, feeds: Mapping[str, torch.Tensor], names: list[str]) -> list[torch.Tensor]:
         io, context = self.io[graph], self.contexts[graph]
         batch = len(next(iter(feeds.values())))
         outs = []
@@ -486,7 +495,4 @@ class TrtNetworks(_ExportedNetworks):
                 # the context's shapes and addresses are rebound by the next chunk: wait for this one
                 self.stream.synchronize()
                 outs.append([out[: stop - start] for out in buffers])
-        merged = [torch.cat(parts).to(torch.float32) for parts in zip(*outs)]
-        for name, value in zip((n for n, _ in io["outputs"]), merged):
-            check_finite(f"TensorRT {graph} ({name})", value)
-        return merged if graph == "controlnet" else merged[0]
+        return [torch.cat(parts).to(torch.float32) for parts in zip(*outs)]
