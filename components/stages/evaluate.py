@@ -147,8 +147,9 @@ class Generation:
                                          seed=self.cfg.seed))
         return model, result.subject_embeds.detach()
 
-    def subject_images(self, job: SubjectJob) -> list[np.ndarray]:
-        """One subject's missing images of one mode, uint8, in the job's order (nothing written)."""
+    def subject_images(self, job: SubjectJob) -> Iterator[tuple[int, np.ndarray]]:
+        """One subject's missing images of one mode: (index in `job.pending`, uint8 image), a
+        UNet batch at a time (nothing written here)."""
         cfg, mode, pending = self.cfg, job.mode, job.pending
         start = time.perf_counter()
         model, embeds = self.embeddings(mode, job.subject, pending[0][0].class_name)
@@ -156,7 +157,6 @@ class Generation:
         groups: dict[str, list[int]] = {}
         for i, (item, _) in enumerate(pending):
             groups.setdefault(item.class_phrase, []).append(i)
-        images: list[np.ndarray | None] = [None] * len(pending)
         for phrase, group in groups.items():
             for lo in range(0, len(group), cfg.batch_size):
                 batch = group[lo:lo + cfg.batch_size]
@@ -166,13 +166,13 @@ class Generation:
                     num_inference_steps=cfg.steps, height=size, width=size, scheduler=cfg.scheduler,
                     prompt_strength=cfg.prompt_strength, prompt_reps=cfg.prompt_reps)
                 for i, image in zip(batch, made):
-                    images[i] = (image * 255).round().astype("uint8")
+                    yield i, (image * 255).round().astype("uint8")
         log.info("%s %s: %d images in %.1f s", mode, job.subject, len(pending), time.perf_counter() - start)
-        return images
 
     def run(self, mode: str, todo: list[tuple[protocol.Item, Path]], cluster=None) -> int:
         """Generate the missing images of one mode, subject by subject, here or on `cluster`'s
-        workers (a subject per task; this process alone writes, in the subjects' order); how many."""
+        workers (a subject per task; this process alone writes, in the subjects' order; here each
+        UNet batch is written as it is made, so a killed run keeps it); how many."""
         by_subject: dict[str, list] = {}
         for item, path in todo:
             by_subject.setdefault(item.subject, []).append((item, path))
@@ -181,8 +181,8 @@ class Generation:
         results = map(self.subject_images, jobs) if cluster is None else \
             cluster.map(_subject_on_worker, WorkerGeneration(self.cfg, self.bench, self.source, self.root), jobs)
         for job, images in zip(jobs, results):
-            for (_, path), image in zip(job.pending, images):
-                final = self.root / path
+            for i, image in images:
+                final = self.root / job.pending[i][1]
                 final.parent.mkdir(parents=True, exist_ok=True)
                 tmp = final.with_name(f".{final.name}.tmp")
                 save_png(image, tmp)
@@ -216,13 +216,13 @@ class WorkerGeneration:
 _WORKER_GENERATION: dict[str, Generation] = {}  # in a worker: the last run's, its model loaded once
 
 
-def _subject_on_worker(spec: WorkerGeneration, job: SubjectJob) -> list[np.ndarray]:
+def _subject_on_worker(spec: WorkerGeneration, job: SubjectJob) -> list[tuple[int, np.ndarray]]:
     gen = _WORKER_GENERATION.get(spec.key)
     if gen is None:
         _WORKER_GENERATION.clear()
         gen = _WORKER_GENERATION[spec.key] = Generation(spec.cfg, spec.bench, spec.source, spec.root)
     gen.bench = spec.bench  # this run's (a held-out bench is a new folder per run; the model stays)
-    return gen.subject_images(job)
+    return list(gen.subject_images(job))
 
 
 @contextlib.contextmanager
