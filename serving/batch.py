@@ -694,6 +694,11 @@ def compute_batch(batch: Batch, maker: Maker) -> MadeBatch:
 
     gen, info, s = maker.generator, maker.info, batch.sampler
     items, embeds, sources, maps, errors = [], [], [], [], []
+
+    def error(item: Item, message: str) -> None:  # one error row per manifest row
+        if not any(e["id"] == item.job.id for e in errors):
+            errors.append({"id": item.job.id, "row": item.job.row, "error": message})
+
     no_controlnet = no_controlnet_error(int(getattr(gen.networks, "num_controlnets", 0) or 0)) \
         if batch.controlled else None
     for item in batch.items:
@@ -704,8 +709,7 @@ def compute_batch(batch: Batch, maker: Maker) -> MadeBatch:
             condition = maker.controls.get(item.job.control, canny_side(s.height, s.width)) \
                 if item.job.control is not None else None
         except BlipDiffError as exc:
-            if not any(e["id"] == item.job.id for e in errors):
-                errors.append({"id": item.job.id, "row": item.job.row, "error": str(exc)})
+            error(item, str(exc))
             continue
         items.append(item)
         embeds.append(e)
@@ -728,8 +732,7 @@ def compute_batch(batch: Batch, maker: Maker) -> MadeBatch:
         except NonFiniteError as exc:  # no image of this batch is written; each of its rows is an error
             log.error("batch %d: %s", batch.index, exc)
             for item in items:
-                if not any(e["id"] == item.job.id for e in errors):
-                    errors.append({"id": item.job.id, "row": item.job.row, "error": f"batch {batch.index}: {exc}"})
+                error(item, f"batch {batch.index}: {exc}")
             items = []
             images = []
         seconds = time.perf_counter() - t
